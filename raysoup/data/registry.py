@@ -1,0 +1,35 @@
+"""Datasets by name: one explicit table, no lookup through ``globals()``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raysoup.data.base import DatasetError, MultiDomainDataset
+from raysoup.data.builtin import BUILTIN_DATASETS
+from raysoup.data.domainbed import DOMAINBED_DATASETS
+
+DATASETS: dict[str, type[MultiDomainDataset]] = {
+    cls.NAME: cls for cls in [*BUILTIN_DATASETS, *DOMAINBED_DATASETS]
+}
+
+
+def dataset_class(name: str) -> type[MultiDomainDataset]:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DatasetError(
+            f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}"
+        ) from None
+
+
+def load_dataset(
+    name: str, data_dir: str | Path | None = None, augment: bool = True
+) -> MultiDomainDataset:
+    """Build dataset ``name``; on-disk datasets need ``data_dir``."""
+    cls = dataset_class(name)
+    if not cls.IS_BUILTIN and data_dir is None:
+        raise DatasetError(
+            f"dataset {name!r} is read from disk: give --data-dir DIR holding "
+            f"DIR/{getattr(cls, 'FOLDER', name)}/<env>/<class>/<image>"
+        )
+    return cls(data_dir, augment=augment)  # type: ignore[call-arg]

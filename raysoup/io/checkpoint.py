@@ -1,0 +1,237 @@
+"""Checkpoints: a directory with ``model.safetensors`` and ``raysoup.json``.
+
+- Written atomically: a temporary sibling directory is filled, fsynced and renamed into
+  place, so a crash leaves either the old checkpoint or the new one, never half of one.
+- ``content_hash`` (sha256 of the safetensors file) is recorded in the JSON and checked
+  on load: a truncated, corrupted or swapped file is reported, naming the file.
+- Nothing is ever unpickled from a checkpoint. Foreign ``.pt``/``.pth``/``.pkl`` state
+  dicts are imported with ``torch.load(weights_only=True)``, which refuses code objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "raysoup.json"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit; the message names the file."""
+
+
+@dataclass
+class CheckpointMeta:
+    """What produced a checkpoint."""
+
+    dataset: str
+    envs: list[str]
+    arch: str
+    num_classes: int
+    stage: str = "target"  # base | lp | aux | target | soup
+    test_env: int = -1
+    trial_seed: int = 0
+    hparams_seed: int = 0
+    hparams: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)  # strategy, sources, weights
+    metrics: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: Path) -> CheckpointMeta:
+        known = {f.name for f in dataclasses.fields(cls)}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - set(data))
+        if missing:
+            raise CheckpointError(f"{source}: metadata lacks required fields {missing}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(
+    directory: str | Path, state_dict: Mapping[str, torch.Tensor], meta: CheckpointMeta
+) -> CheckpointMeta:
+    """Write ``state_dict`` and ``meta`` to ``directory`` atomically; returns the meta saved.
+
+    Saving the same tensors again is idempotent: the content hash is unchanged.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        weights = tmp / WEIGHTS_FILE
+        save_file(tensors, str(weights))
+        with open(weights, "rb+") as handle:
+            os.fsync(handle.fileno())
+        meta = dataclasses.replace(meta, content_hash=file_sha256(weights))
+        _write_file(tmp / META_FILE, meta.to_json().encode())
+        _fsync_dir(tmp)
+        if directory.exists():
+            # Move the old one aside first: a crash in between leaves it recoverable.
+            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return (directory / WEIGHTS_FILE).is_file() and (directory / META_FILE).is_file()
+
+
+def read_meta(directory: str | Path) -> CheckpointMeta:
+    directory = Path(directory)
+    path = directory / META_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} is not a raysoup checkpoint: {META_FILE} is missing "
+            f"(expected {WEIGHTS_FILE} and {META_FILE})"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: corrupt metadata JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: metadata must be a JSON object")
+    return CheckpointMeta.from_dict(data, path)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({error})") from error
+
+
+def load_checkpoint(
+    directory: str | Path,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    *,
+    verify_hash: bool = True,
+) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """Read a checkpoint; check its hash, and its keys and shapes against ``reference``."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    weights = directory / WEIGHTS_FILE
+    if verify_hash and meta.content_hash:
+        actual = file_sha256(weights) if weights.is_file() else "<missing>"
+        if actual != meta.content_hash:
+            raise CheckpointError(
+                f"{weights}: content hash {actual[:16]}... does not match the "
+                f"{meta.content_hash[:16]}... recorded in {META_FILE}: the file is corrupt, "
+                f"truncated or was replaced"
+            )
+    state = _load_safetensors(weights)
+    if reference is not None:
+        check_state_dict(state, reference, weights)
+    return state, meta
+
+
+def check_state_dict(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], source: str | Path
+) -> None:
+    """Raise ``CheckpointError`` naming ``source`` and the first offending tensors."""
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(state) - set(reference))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: keys do not match the model: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for key, expected in reference.items():
+        if tuple(state[key].shape) != tuple(expected.shape):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
+                f"the model expects {tuple(expected.shape)}"
+            )
+
+
+def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a foreign file, without ever running pickled code.
+
+    ``.safetensors`` is read directly; ``.pt/.pth/.pkl/.bin`` go through
+    ``torch.load(weights_only=True)``. A dict wrapping the state dict under
+    ``state_dict``, ``model_dict``, ``model`` or ``network`` is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unsupported weights file; expected .safetensors or one of {PICKLE_SUFFIXES}"
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for code objects, RuntimeError for junk
+        raise CheckpointError(
+            f"{path}: refused to load: only plain tensor state dicts are accepted "
+            f"(torch.load with weights_only=True failed: {str(error).splitlines()[0]})"
+        ) from error
+    for wrapper in ("state_dict", "model_dict", "model", "network"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+            break
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise CheckpointError(f"{path}: not a state dict of named tensors")
+    return dict(loaded)

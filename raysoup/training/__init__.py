@@ -1,0 +1,1 @@
+"""Training: hyperparameters, init strategies, evaluation and the single-run trainer."""

@@ -1,0 +1,435 @@
+"""One training run, usable without Ray: ``train_run(RunSpec(...))``.
+
+Stages (what a run trains and starts from):
+
+- ``base``   — the built-in "foundation" network, trained from scratch on all envs.
+- ``lp``     — linear probe: the classifier head alone, on the frozen pretrained
+  featurizer; kept at its best ID-val evaluation (as the reference keeps ``network_best``).
+- ``aux``    — an auxiliary run: all envs of an auxiliary dataset (``test_env = -1``),
+  from the pretrained featurizer; the last step is kept (the reference's
+  ``featurizer_last``).
+- ``target`` — a target run from one init strategy; the head comes from the LP
+  checkpoint (``lp_head``). The last step is kept by default (``keep``).
+
+A run whose featurizer comes from the auxiliary pool, or that has no LP head to start
+from, first trains the head alone for ``lp_steps`` steps (featurizer frozen, in eval
+mode), then rebuilds Adam over all parameters, as ModelRatatouille does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raysoup.data.base import MultiDomainDataset
+from raysoup.data.builtin import BUILTIN_BASE
+from raysoup.data.loaders import train_batches
+from raysoup.data.registry import dataset_class, load_dataset
+from raysoup.data.splits import split_envs, training_envs
+from raysoup.io.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    check_state_dict,
+    is_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from raysoup.models.networks import ARCHS, Network, build_network
+from raysoup.options import OptionsError, option
+from raysoup.seeding import seed_hash
+from raysoup.training.hparams import REGISTRIES, sample_hparams
+from raysoup.training.inits import (
+    AUX_BUFFERS,
+    CLASSIFIER_PREFIX,
+    FEATURIZER_PREFIX,
+    INIT_STRATEGIES,
+    PRETRAINED,
+    RATATOUILLE_CHOICES,
+    InitPlan,
+    discover_aux_pool,
+    featurizer_from_plan,
+    plan_init,
+)
+
+STAGES = ("base", "lp", "aux", "target")
+KEEP = ("last", "best")
+BASE_RECIPE_VERSION = 1  # bump when the base network's training changes
+DEFAULT_KEEP = {"base": "last", "lp": "best", "aux": "last", "target": "last"}
+
+
+@dataclass
+class RunSpec:
+    """Everything that determines one run. Same spec, same result (on CPU: bit for bit)."""
+
+    dataset: str = option(help="dataset name (built-in or DomainBed)")
+    out: Path = option(help="directory the checkpoint is written to")
+    test_env: int = option(0, help="held-out env index; -1 = train on all envs (auxiliary mode)")
+    trial_seed: int = option(0, help="seed of the in/out splits (and of the LP)")
+    hparams_seed: int = option(0, help="0 = default hyperparameters, else a seeded draw")
+    init: str = option("pretrained", help="featurizer init", choices=INIT_STRATEGIES)
+    stage: str = option("target", help="what this run is", choices=STAGES)
+    data_dir: Path | None = option(None, help="root of on-disk DomainBed datasets")
+    aux_dir: list[Path] = option([], help="directories holding auxiliary checkpoints")
+    pretrained: Path | None = option(
+        None, help="checkpoint whose featurizer is 'pretrained' (built-in: the base network)"
+    )
+    pretrained_weights: Path | None = option(
+        None, help="explicit ImageNet weights file for ResNets (.safetensors or .pt)"
+    )
+    lp_head: Path | None = option(None, help="LP checkpoint whose classifier head starts the run")
+    steps: int | None = option(None, help="training steps (default: the dataset's N_STEPS)")
+    checkpoint_freq: int | None = option(None, help="evaluate every N steps")
+    arch: str | None = option(None, help="network (default: the dataset's)", choices=ARCHS)
+    hparams_registry: str = option("diwa", help="hyperparameter distributions", choices=REGISTRIES)
+    hparams_depend_on_trial_seed: bool = option(
+        False, help="seed hparams with (hparams_seed, trial_seed) like the reference code"
+    )
+    hparams: dict[str, Any] = option({}, help="hyperparameter overrides, e.g. '{\"lr\": 1e-4}'")
+    fusing_range: float = option(4.0, help="R in lambda = softmax(R*u); 0 = uniform average")
+    ratatouille_choice: str = option(
+        "reference", help="how ratatouille picks its auxiliary run", choices=RATATOUILLE_CHOICES
+    )
+    aux_buffers: str = option(
+        "source",
+        help="BatchNorm statistics of an aux init: from its sources, or pretrained (reference)",
+        choices=AUX_BUFFERS,
+    )
+    holdout_fraction: float = option(0.2, help="fraction of each env held out as 'out'")
+    keep: str | None = option(None, help="which step to save (default by stage)", choices=KEEP)
+    freeze_bn: bool = option(True, help="ResNet: keep ImageNet BatchNorm statistics (DomainBed)")
+    device: str = option("auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
+    amp: bool = option(False, help="bfloat16 autocast (mixed precision)")
+    num_workers: int = option(0, help="data-loading worker processes (on-disk datasets)")
+    cache_dir: Path | None = option(
+        None, help="where the built-in base network is cached (default ~/.cache/raysoup)"
+    )
+
+    def validate(self) -> type[MultiDomainDataset]:
+        """Check everything that can be checked without loading data or weights."""
+        cls = dataset_class(self.dataset)
+        training_envs(len(cls.ENVIRONMENTS), self.test_env)
+        for name in ("trial_seed", "hparams_seed"):
+            if getattr(self, name) < 0:
+                raise OptionsError(f"{name}={getattr(self, name)}: expected an integer >= 0")
+        if self.steps is not None and self.steps < 1:
+            raise OptionsError(f"steps={self.steps}: expected a positive integer")
+        if self.checkpoint_freq is not None and self.checkpoint_freq < 1:
+            raise OptionsError(
+                f"checkpoint_freq={self.checkpoint_freq}: expected a positive integer"
+            )
+        if not 0 < self.holdout_fraction < 1:
+            raise OptionsError(
+                f"holdout_fraction={self.holdout_fraction}: expected a value in (0, 1)"
+            )
+        if self.fusing_range < 0:
+            raise OptionsError(f"fusing_range={self.fusing_range}: expected a number >= 0")
+        if self.stage in ("base", "aux") and self.test_env != -1:
+            raise OptionsError(f"stage {self.stage!r} trains on all envs: use test_env=-1")
+        if self.stage != "target" and self.init != "pretrained":
+            raise OptionsError(
+                f"init={self.init!r} only applies to target runs (stage {self.stage!r})"
+            )
+        if self.init != "pretrained" and not self.aux_dir:
+            raise OptionsError(
+                f"init={self.init!r} needs auxiliary checkpoints: give --aux-dir DIR"
+            )
+        for path in self.aux_dir:
+            if not Path(path).is_dir():
+                raise OptionsError(f"aux_dir {path} does not exist")
+        for name in ("pretrained", "lp_head"):
+            path = getattr(self, name)
+            if path is not None and not is_checkpoint(path):
+                raise OptionsError(f"{name}={path}: not a checkpoint directory")
+        if self.pretrained_weights is not None and not Path(self.pretrained_weights).is_file():
+            raise OptionsError(f"pretrained_weights={self.pretrained_weights}: no such file")
+        if not cls.IS_BUILTIN and self.data_dir is None:
+            raise OptionsError(f"dataset {self.dataset!r} is read from disk: give --data-dir")
+        if self.stage == "base" and not cls.IS_BUILTIN:
+            raise OptionsError("stage 'base' pretrains the built-in network; ResNets use ImageNet")
+        self.resolve_device()
+        return cls
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as error:
+            raise OptionsError(f"device={self.device!r}: {error}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise OptionsError(f"device={self.device!r} but CUDA is not available here")
+        return device
+
+
+# ---------------------------------------------------------------- base network
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAYSOUP_CACHE", Path.home() / ".cache" / "raysoup"))
+
+
+def base_spec(out: Path, device: str = "auto") -> RunSpec:
+    """The built-in foundation network's run (deterministic: fixed seeds, default hparams)."""
+    return RunSpec(dataset=BUILTIN_BASE, out=out, test_env=-1, stage="base", device=device)
+
+
+def ensure_base_checkpoint(cache_dir: Path | None = None, device: str = "auto") -> Path:
+    """The built-in base network, trained once and cached (idempotent, atomic)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    # Keyed by everything that determines the base network except where it is written.
+    recipe = {k: v for k, v in asdict(base_spec(Path("."))).items() if k not in ("out", "device")}
+    target = (
+        cache / f"base-{BUILTIN_BASE}-v{BASE_RECIPE_VERSION}-{seed_hash(sorted(recipe.items()))}"
+    )
+    if not is_checkpoint(target):
+        print(f"raysoup: training the built-in base network into {target}", file=sys.stderr)
+        train_run(base_spec(target, device))
+    return target
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _state_with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _load_part(module: nn.Module, path: Path, prefix: str) -> None:
+    state, _ = load_checkpoint(path)
+    part = _state_with_prefix(state, prefix)
+    check_state_dict(part, module.state_dict(), Path(path) / "model.safetensors")
+    module.load_state_dict(part)
+
+
+def _check_lp_head(spec: RunSpec, path: Path) -> None:
+    meta = read_meta(path)
+    expected = (spec.dataset, spec.test_env, spec.trial_seed)
+    found = (meta.dataset, meta.test_env, meta.trial_seed)
+    if found != expected:
+        raise CheckpointError(
+            f"{path}: LP head was trained for (dataset, test_env, trial_seed)={found}, "
+            f"this run is {expected}; a head from other splits would see held-out data"
+        )
+
+
+def build_start_network(
+    spec: RunSpec, dataset_cls: type[MultiDomainDataset], hparams: dict[str, Any]
+) -> tuple[Network, InitPlan, str]:
+    """The network a run starts from, its init plan, and where 'pretrained' came from."""
+    arch = spec.arch or dataset_cls.DEFAULT_ARCH
+    if arch in ("resnet18", "resnet50") and hparams.get("resnet18"):
+        arch = "resnet18"
+    imagenet = arch != "cnn" and spec.stage != "base"
+    network = build_network(
+        arch,
+        dataset_cls.NUM_CLASSES,
+        input_channels=dataset_cls.INPUT_SHAPE[0],
+        dropout=float(hparams.get("resnet_dropout", 0.0)),
+        nonlinear_classifier=bool(hparams.get("nonlinear_classifier", False)),
+        imagenet=imagenet,
+        weights_path=spec.pretrained_weights,
+        freeze_bn=spec.freeze_bn,
+    )
+    if spec.stage == "base":
+        return network, InitPlan("scratch", [], []), "scratch"
+    if arch == "cnn":
+        pretrained = spec.pretrained or ensure_base_checkpoint(spec.cache_dir, spec.device)
+        _load_part(network.featurizer, pretrained, FEATURIZER_PREFIX)
+        pretrained_from = str(pretrained)
+    else:
+        pretrained_from = str(spec.pretrained_weights or "imagenet")
+    plan = InitPlan("pretrained", [PRETRAINED], [1.0])
+    if spec.stage == "target" and spec.init != "pretrained":
+        pool = discover_aux_pool(spec.aux_dir, spec.dataset)
+        if not pool.runs:
+            raise CheckpointError(
+                f"no usable auxiliary checkpoints under {[str(p) for p in spec.aux_dir]} "
+                f"(excluded by the leakage guard: {len(pool.excluded)})"
+            )
+        seed = seed_hash("init", spec.dataset, spec.test_env, spec.trial_seed, spec.hparams_seed)
+        plan = plan_init(
+            spec.init,
+            pool.as_lists(),
+            hparams_seed=spec.hparams_seed,
+            seed=seed,
+            fusing_range=spec.fusing_range,
+            ratatouille_choice=spec.ratatouille_choice,
+        )
+        featurizer = featurizer_from_plan(
+            plan, network.featurizer.state_dict(), spec.dataset, spec.aux_buffers
+        )
+        network.featurizer.load_state_dict(featurizer)
+    if spec.lp_head is not None:
+        _check_lp_head(spec, spec.lp_head)
+        _load_part(network.classifier, spec.lp_head, CLASSIFIER_PREFIX)
+    return network, plan, pretrained_from
+
+
+def _optimizer(params: list[nn.Parameter], hparams: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(
+        params, lr=float(hparams["lr"]), weight_decay=float(hparams["weight_decay"])
+    )
+
+
+def train_run(
+    spec: RunSpec, on_eval: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Train one run, save its checkpoint to ``spec.out`` and return its metrics."""
+    from raysoup.training.evaluate import evaluate_splits
+
+    started = time.time()
+    dataset_cls = spec.validate()
+    device = spec.resolve_device()
+    hparams = sample_hparams(
+        spec.dataset,
+        spec.hparams_seed,
+        spec.trial_seed,
+        registry=spec.hparams_registry,
+        small_images=dataset_cls.SMALL_IMAGES,
+        hparams_depend_on_trial_seed=spec.hparams_depend_on_trial_seed,
+        overrides=spec.hparams,
+    )
+    steps = spec.steps or dataset_cls.N_STEPS
+    freq = spec.checkpoint_freq or dataset_cls.CHECKPOINT_FREQ
+    keep = spec.keep or DEFAULT_KEEP[spec.stage]
+
+    dataset = load_dataset(spec.dataset, spec.data_dir, augment=bool(hparams["data_augmentation"]))
+    splits = split_envs(dataset.env_sizes(), spec.trial_seed, spec.holdout_fraction)
+    train_ids = training_envs(len(dataset.envs), spec.test_env)
+
+    run_seed = seed_hash(
+        spec.dataset, spec.stage, spec.test_env, spec.trial_seed, spec.hparams_seed, spec.init
+    )
+    torch.manual_seed(run_seed)
+    network, plan, pretrained_from = build_start_network(spec, dataset_cls, hparams)
+    network.to(device)
+
+    head_only_steps = 0
+    if spec.stage == "lp":
+        head_only_steps = steps
+    elif spec.stage in ("aux", "target") and (plan.uses_auxiliary or spec.lp_head is None):
+        head_only_steps = min(int(hparams["lp_steps"]), steps)
+
+    batch_size = int(hparams["batch_size"])
+    streams = [
+        train_batches(
+            dataset,
+            env,
+            splits[env].in_indices,
+            batch_size,
+            seed_hash("batches", run_seed, env),
+            augment=bool(hparams["data_augmentation"]),
+            num_workers=spec.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        for env in train_ids
+    ]
+
+    def set_phase(head_only: bool) -> torch.optim.Optimizer:
+        network.train()
+        for p in network.featurizer.parameters():
+            p.requires_grad_(not head_only)
+        if head_only:
+            network.featurizer.eval()  # frozen: no BatchNorm updates, no dropout
+            return _optimizer(list(network.classifier.parameters()), hparams)
+        return _optimizer(list(network.parameters()), hparams)
+
+    optimizer = set_phase(head_only_steps > 0)
+    loss_fn = nn.CrossEntropyLoss()
+    history: list[dict[str, Any]] = []
+    best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
+    last_metrics: dict[str, Any] = {}
+    for step in range(steps):
+        if head_only_steps and step == head_only_steps and spec.stage != "lp":
+            optimizer = set_phase(False)
+        xs, ys = zip(*(next(stream) for stream in streams), strict=True)
+        x = torch.cat(xs).to(device, non_blocking=True)
+        y = torch.cat(ys).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.amp):
+            loss = loss_fn(network(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % freq == 0 or step + 1 == steps:
+            metrics = evaluate_splits(
+                network,
+                dataset,
+                splits,
+                spec.test_env,
+                device,
+                amp=spec.amp,
+                num_workers=spec.num_workers,
+            )
+            metrics.update(step=step + 1, loss=loss.item(), wall_s=time.time() - started)
+            history.append(metrics)
+            last_metrics = metrics
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}: lower lr?")
+            if keep == "best" and (best is None or metrics["id_val_acc"] > best[0]):
+                state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+                best = (metrics["id_val_acc"], step + 1, state, metrics)
+            if on_eval is not None:
+                on_eval(metrics)
+    if keep == "best" and best is not None:
+        state, final = best[2], best[3]
+    else:
+        state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        final = last_metrics
+    final = dict(final, wall_s=time.time() - started)
+    meta = CheckpointMeta(
+        dataset=spec.dataset,
+        envs=list(dataset_cls.ENVIRONMENTS),
+        arch=spec.arch or dataset_cls.DEFAULT_ARCH,
+        num_classes=dataset_cls.NUM_CLASSES,
+        stage=spec.stage,
+        test_env=spec.test_env,
+        trial_seed=spec.trial_seed,
+        hparams_seed=spec.hparams_seed,
+        hparams=dict(hparams, steps=steps),
+        init={
+            "strategy": plan.strategy,
+            "sources": plan.sources,
+            "weights": plan.weights,
+            "pretrained_from": pretrained_from,
+        },
+        metrics={k: v for k, v in final.items() if isinstance(v, (int, float))},
+    )
+    meta = save_checkpoint(spec.out, state, meta)
+    return {
+        "dataset": spec.dataset,
+        "stage": spec.stage,
+        "test_env": spec.test_env,
+        "trial_seed": spec.trial_seed,
+        "hparams_seed": spec.hparams_seed,
+        "init": spec.init if spec.stage == "target" else plan.strategy,
+        "init_sources": plan.sources,
+        "init_weights": plan.weights,
+        **{k: hparams[k] for k in ("lr", "weight_decay", "batch_size", "resnet_dropout")},
+        "steps": steps,
+        **final,
+        "checkpoint": str(spec.out),
+        "content_hash": meta.content_hash,
+        "device": str(device),
+        "history": history,
+    }
+
+
+def result_json(result: dict[str, Any]) -> str:
+    """The one-line JSON `raysoup train` prints (``nan`` becomes ``null``)."""
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in result.items()
+        if k != "history"
+    }
+    return json.dumps(clean, sort_keys=True)
