@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from torch import Tensor
 from torchvision.transforms import functional as TF
 
 from raysoup.data import shifts
@@ -38,6 +39,7 @@ from raysoup.data.base import DatasetError, MultiDomainDataset, TensorEnv
 from raysoup.seeding import seed_hash
 
 IMAGE_SIZE = 16
+ShiftedEnv = tuple[Tensor, Tensor, Tensor]  # (kept source indices, images, labels)
 N_TARGET_IMAGES = 3000
 
 
@@ -124,83 +126,70 @@ class MiniRotatedMNIST(BuiltinDataset):
         return envs
 
 
-def _aux_split(n_envs: int, env: int) -> torch.Tensor:
-    """Indices into ``mnist5k`` for one env of an auxiliary dataset (never target images)."""
-    n_aux = mnist5k()[1].shape[0] - N_TARGET_IMAGES
-    return N_TARGET_IMAGES + _interleave(n_aux, n_envs, env)
+class AuxiliaryDataset(BuiltinDataset):
+    """An auxiliary dataset: env ``k`` is a shift of every ``n_envs``-th auxiliary image.
+
+    Auxiliary images are the ``mnist5k`` images after the target's, never target images.
+    """
+
+    def _build(self) -> list[TensorEnv]:
+        images, labels = mnist5k()
+        n_envs = len(self.ENVIRONMENTS)
+        envs = []
+        for k, name in enumerate(self.ENVIRONMENTS):
+            idx = N_TARGET_IMAGES + _interleave(labels.shape[0] - N_TARGET_IMAGES, n_envs, k)
+            idx, x, y = self._shift(k, name, idx, images[idx], labels[idx])
+            envs.append(TensorEnv(name, x, y, _source_ids("mnist5k", idx)))
+        return envs
+
+    def _shift(self, k: int, name: str, idx: Tensor, x: Tensor, y: Tensor) -> ShiftedEnv:
+        """Env ``k``'s ``(kept source indices, images, labels)``."""
+        raise NotImplementedError
 
 
-class AuxRotationFlip(BuiltinDataset):
+class AuxRotationFlip(AuxiliaryDataset):
     NAME = "AuxRotationFlip"
     ENVIRONMENTS = ["step0", "step1", "step2"]
     NUM_CLASSES = 10
 
-    def _build(self) -> list[TensorEnv]:
-        images, labels = mnist5k()
-        envs = []
-        for k, name in enumerate(self.ENVIRONMENTS):
-            idx = _aux_split(len(self.ENVIRONMENTS), k)
-            x = shifts.rotation(images[idx], k)
-            y = shifts.label_flip(labels[idx], self.NUM_CLASSES, k)
-            envs.append(TensorEnv(name, x, y, _source_ids("mnist5k", idx)))
-        return envs
+    def _shift(self, k: int, name: str, idx: Tensor, x: Tensor, y: Tensor) -> ShiftedEnv:
+        return idx, shifts.rotation(x, k), shifts.label_flip(y, self.NUM_CLASSES, k)
 
 
-class AuxRecolourMod5(BuiltinDataset):
+class AuxRecolourMod5(AuxiliaryDataset):
     NAME = "AuxRecolourMod5"
     ENVIRONMENTS = ["step0", "step1", "step2"]
     NUM_CLASSES = 5
 
-    def _build(self) -> list[TensorEnv]:
-        images, labels = mnist5k()
-        envs = []
-        for k, name in enumerate(self.ENVIRONMENTS):
-            idx = _aux_split(len(self.ENVIRONMENTS), k)
-            y = labels[idx] % self.NUM_CLASSES
-            x = shifts.class_conditional_recolour(shifts.recolour(images[idx], k), y, k)
-            envs.append(TensorEnv(name, x, y, _source_ids("mnist5k", idx)))
-        return envs
+    def _shift(self, k: int, name: str, idx: Tensor, x: Tensor, y: Tensor) -> ShiftedEnv:
+        y = y % self.NUM_CLASSES
+        return idx, shifts.class_conditional_recolour(shifts.recolour(x, k), y, k), y
 
 
-class AuxNoiseSubpop(BuiltinDataset):
+class AuxNoiseSubpop(AuxiliaryDataset):
     NAME = "AuxNoiseSubpop"
     ENVIRONMENTS = ["even", "odd", "all"]
     NUM_CLASSES = 5
     SUBCLASSES: ClassVar[list[set[int]]] = [{0, 2, 4, 6, 8}, {1, 3, 5, 7, 9}, set(range(10))]
     NOISE_AMPLITUDE: ClassVar[int] = 25
 
-    def _build(self) -> list[TensorEnv]:
-        images, labels = mnist5k()
+    def _shift(self, k: int, name: str, idx: Tensor, x: Tensor, y: Tensor) -> ShiftedEnv:
         superclass_of = [digit // 2 for digit in range(10)]
-        envs = []
-        for k, name in enumerate(self.ENVIRONMENTS):
-            idx = _aux_split(len(self.ENVIRONMENTS), k)
-            kept, y = shifts.subpopulation(labels[idx], superclass_of, self.SUBCLASSES[k])
-            idx = idx[kept]
-            x = shifts.corruption(
-                images[idx], k + 1, self.NOISE_AMPLITUDE, seed_hash(self.NAME, name)
-            )
-            envs.append(TensorEnv(name, x, y, _source_ids("mnist5k", idx)))
-        return envs
+        kept, superclasses = shifts.subpopulation(y, superclass_of, self.SUBCLASSES[k])
+        noisy = shifts.corruption(x[kept], k + 1, self.NOISE_AMPLITUDE, seed_hash(self.NAME, name))
+        return idx[kept], noisy, superclasses
 
 
-class AuxCCRotationLabelShift(BuiltinDataset):
+class AuxCCRotationLabelShift(AuxiliaryDataset):
     NAME = "AuxCCRotationLabelShift"
     ENVIRONMENTS = ["step0", "step1", "step2"]
     NUM_CLASSES = 10
 
-    def _build(self) -> list[TensorEnv]:
-        images, labels = mnist5k()
-        envs = []
-        for k, name in enumerate(self.ENVIRONMENTS):
-            idx = _aux_split(len(self.ENVIRONMENTS), k)
-            # env k favours the classes near (3k mod 10): weights fall off with distance.
-            weights = [1.0 / (1 + min((c - 3 * k) % 10, (3 * k - c) % 10)) for c in range(10)]
-            kept = shifts.label_shift(labels[idx], weights, seed_hash(self.NAME, name))
-            idx = idx[kept]
-            x = shifts.class_conditional_rotation(images[idx], labels[idx], k)
-            envs.append(TensorEnv(name, x, labels[idx], _source_ids("mnist5k", idx)))
-        return envs
+    def _shift(self, k: int, name: str, idx: Tensor, x: Tensor, y: Tensor) -> ShiftedEnv:
+        # env k favours the classes near (3k mod 10): weights fall off with distance.
+        weights = [1.0 / (1 + min((c - 3 * k) % 10, (3 * k - c) % 10)) for c in range(10)]
+        kept = shifts.label_shift(y, weights, seed_hash(self.NAME, name))
+        return idx[kept], shifts.class_conditional_rotation(x[kept], y[kept], k), y[kept]
 
 
 class BaseDigits(BuiltinDataset):
