@@ -55,3 +55,18 @@ def test_network_is_blocked_in_tests() -> None:
         socket.create_connection(("93.184.216.34", 80), timeout=1)
     with pytest.raises(OSError):
         urllib.request.urlopen("http://1.1.1.1", timeout=1)
+
+
+def test_imagenet_weights_from_the_torch_cache(tmp_path, monkeypatch) -> None:
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    reference = torchvision.models.resnet18(weights=None)
+    cached = imagenet_cache_path(18)
+    assert str(cached).startswith(str(tmp_path))
+    cached.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), cached)
+    net = build_network("resnet18", 3, imagenet=True)
+    assert torch.equal(
+        net.featurizer.network.layer4[1].conv2.weight, reference.layer4[1].conv2.weight
+    )

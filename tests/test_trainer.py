@@ -197,3 +197,37 @@ def test_cli_train_prints_one_json_object(base_checkpoint: Path, tmp_path: Path)
     assert "step     40" in done.stderr  # progress lines go to stderr
     bad = subprocess.run([*cmd[:5], "Nope", *cmd[6:]], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown dataset 'Nope'" in bad.stderr
+
+
+def test_domainbed_imagefolder_run_with_resnet(tmp_path: Path) -> None:
+    """The on-disk path end to end: PACS layout, ResNet-18, explicit ImageNet weights file."""
+    import torchvision
+    from PIL import Image
+
+    from raysoup.data.domainbed import PACS
+
+    for e, env in enumerate(PACS.ENV_FOLDERS):
+        for c in range(7):
+            folder = tmp_path / "data" / "PACS" / env / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(5):
+                Image.new("RGB", (40, 30), (30 * c, 60 * e, 10 * i)).save(folder / f"{i}.jpg")
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    result = train_run(
+        RunSpec(
+            dataset="PACS",
+            data_dir=tmp_path / "data",
+            out=tmp_path / "ck",
+            test_env=3,
+            arch="resnet18",
+            pretrained_weights=weights,
+            steps=2,
+            hparams={"batch_size": 2},
+            device="cpu",
+        )
+    )
+    assert result["stage"] == "target" and 0 <= result["test_acc"] <= 1
+    meta = read_meta(tmp_path / "ck")
+    assert meta.arch == "resnet18" and meta.envs == ["A", "C", "P", "S"] and meta.num_classes == 7
+    assert meta.init["pretrained_from"] == str(weights)
