@@ -1,0 +1,158 @@
+"""The sweep config: one typed object drives the YAML file, its validation and the CLI.
+
+Everything that can be wrong with a config is reported by :meth:`SweepConfig.validate`
+before Ray starts: unknown keys, wrong types, impossible values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysoup.data.builtin import BUILTIN_AUXILIARY, BUILTIN_TARGET
+from raysoup.data.registry import dataset_class
+from raysoup.models.networks import ARCHS
+from raysoup.options import OptionsError, from_mapping, option
+from raysoup.training.hparams import REGISTRIES
+from raysoup.training.inits import AUX_BUFFERS, INIT_STRATEGIES, RATATOUILLE_CHOICES
+
+ACCEPT = ("ge", "gt")
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """A whole ratatouille / soups experiment."""
+
+    name: str = option("quickstart", help="experiment name: the folder under the storage")
+    dataset: str = option(BUILTIN_TARGET, help="target dataset")
+    data_dir: Path | None = option(None, help="root of on-disk DomainBed datasets")
+    test_envs: list[int] = option([5], help="held-out env of each target sweep")
+    trial_seeds: list[int] = option([0], help="split / LP seeds: replicates of the sweep")
+    n_hparams: int = option(3, help="hparams seeds 0..n-1 per (test env, trial seed, init)")
+    inits: list[str] = option(list(INIT_STRATEGIES), help="init strategies to sweep")
+    aux_datasets: list[str] = option(
+        list(BUILTIN_AUXILIARY[:3]), help="auxiliary datasets to fine-tune the pool on"
+    )
+    aux_n_hparams: int = option(1, help="auxiliary runs per auxiliary dataset")
+    steps: int | None = option(None, help="target run steps (default: dataset N_STEPS)")
+    aux_steps: int | None = option(None, help="auxiliary run steps (default: dataset N_STEPS)")
+    lp_stage_steps: int | None = option(None, help="linear-probe steps (default: N_STEPS)")
+    checkpoint_freq: int | None = option(None, help="evaluate every N steps")
+    arch: str | None = option(None, help="network (default: the dataset's)", choices=ARCHS)
+    pretrained_weights: Path | None = option(None, help="ImageNet weights file for ResNets")
+    hparams_registry: str = option("diwa", help="hparam distributions", choices=REGISTRIES)
+    hparams_depend_on_trial_seed: bool = option(False, help="reference-style hparam seeding")
+    fusing_range: float = option(4.0, help="R in lambda = softmax(R*u)")
+    ratatouille_choice: str = option("reference", help="aux choice", choices=RATATOUILLE_CHOICES)
+    aux_buffers: str = option("source", help="BatchNorm stats of aux inits", choices=AUX_BUFFERS)
+    holdout_fraction: float = option(0.2, help="fraction of each env held out")
+    cpus_per_trial: float = option(1.0, help="CPUs reserved per trial")
+    gpus_per_trial: float = option(0.0, help="GPUs per trial (fractions share a GPU)")
+    max_failures: int = option(2, help="retries of a failed trial")
+    max_concurrent_trials: int = option(0, help="0 = as many as resources allow")
+    soup_accept: str = option("ge", help="greedy soup acceptance: >= or >", choices=ACCEPT)
+
+    def validate(self) -> SweepConfig:
+        """Raise ``OptionsError`` naming the first impossible value; return self."""
+        try:
+            target = dataset_class(self.dataset)
+        except ValueError as error:
+            raise OptionsError(f"dataset: {error}") from None
+        n_envs = len(target.ENVIRONMENTS)
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise OptionsError(f"name={self.name!r}: expected a plain folder name")
+        if not self.test_envs:
+            raise OptionsError("test_envs is empty: the sweep would run no target trial")
+        for env in self.test_envs:
+            if not 0 <= env < n_envs:
+                raise OptionsError(
+                    f"test_envs: {env} is out of range for {self.dataset} "
+                    f"({n_envs} envs {target.ENVIRONMENTS}: expected 0..{n_envs - 1})"
+                )
+        for name in ("test_envs", "trial_seeds", "inits", "aux_datasets"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise OptionsError(f"{name}={values}: contains duplicates")
+        if not self.trial_seeds:
+            raise OptionsError("trial_seeds is empty: the sweep would run no target trial")
+        if any(seed < 0 for seed in self.trial_seeds):
+            raise OptionsError(f"trial_seeds={self.trial_seeds}: seeds must be >= 0")
+        if self.n_hparams < 1:
+            raise OptionsError(f"n_hparams={self.n_hparams}: expected at least 1")
+        if not self.inits:
+            raise OptionsError("inits is empty: the sweep would run no target trial")
+        for init in self.inits:
+            if init not in INIT_STRATEGIES:
+                raise OptionsError(f"inits: unknown init {init!r}; expected {INIT_STRATEGIES}")
+        if self.dataset in self.aux_datasets:
+            raise OptionsError(
+                f"aux_datasets contains the target dataset {self.dataset!r}: its auxiliary "
+                f"runs would train on the held-out test env"
+            )
+        for aux in self.aux_datasets:
+            try:
+                cls = dataset_class(aux)
+            except ValueError as error:
+                raise OptionsError(f"aux_datasets: {error}") from None
+            if not cls.IS_BUILTIN and self.data_dir is None:
+                raise OptionsError(f"aux dataset {aux!r} is read from disk: set data_dir")
+        if set(self.inits) - {"pretrained"} and not self.aux_datasets:
+            raise OptionsError(f"inits {self.inits} need auxiliary datasets: set aux_datasets")
+        if self.aux_datasets and self.aux_n_hparams < 1:
+            raise OptionsError(f"aux_n_hparams={self.aux_n_hparams}: expected at least 1")
+        if not target.IS_BUILTIN and self.data_dir is None:
+            raise OptionsError(f"dataset {self.dataset!r} is read from disk: set data_dir")
+        for name in ("steps", "aux_steps", "lp_stage_steps", "checkpoint_freq"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise OptionsError(f"{name}={value}: expected a positive integer")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise OptionsError(
+                f"cpus_per_trial={self.cpus_per_trial}, gpus_per_trial={self.gpus_per_trial}: "
+                f"expected CPUs > 0 and GPUs >= 0"
+            )
+        if self.fusing_range < 0:
+            raise OptionsError(f"fusing_range={self.fusing_range}: expected >= 0")
+        if not 0 < self.holdout_fraction < 1:
+            raise OptionsError(f"holdout_fraction={self.holdout_fraction}: expected (0, 1)")
+        if self.max_failures < 0 or self.max_concurrent_trials < 0:
+            raise OptionsError("max_failures and max_concurrent_trials must be >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (paths as strings)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def fingerprint(self) -> str:
+        """Identity of what the sweep computes: two configs with the same one are the same."""
+        values = self.to_dict()
+        for knob in ("max_concurrent_trials", "max_failures"):  # how, not what
+            values.pop(knob)
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> SweepConfig:
+    """The config in YAML file ``path`` (built-in quickstart when ``None``), validated."""
+    data: dict[str, Any] = {}
+    where = "quickstart config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise OptionsError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise OptionsError(f"{path}: not valid YAML ({error})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise OptionsError(f"{path}: expected a mapping of options at the top level")
+        data = loaded
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(SweepConfig, data, where).validate()
