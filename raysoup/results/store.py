@@ -1,0 +1,184 @@
+"""The results store: ``<storage>/<name>/results/{trials,soup_steps,soups}/part-*.parquet``.
+
+- One ``append`` writes one part file, atomically: the bytes go to a hidden sibling
+  (``.part-<key>.parquet.tmp-<uuid>``) which is then renamed into place. Arrow's dataset
+  discovery (and so ``pd.read_parquet(folder)``) skips names starting with ``.`` or
+  ``_``, so a reader running during a write, or after a crash, never sees half a file.
+- ``part_key`` names the part, so a retried or resumed write replaces its own rows
+  instead of duplicating them.
+- The root may be a local path or any ``pyarrow.fs`` URI (``s3://bucket/run/results``).
+  On object stores the rename is a server-side copy, still atomic per object.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raysoup.results.schema import KINDS, _check_kind, schema, validate_rows
+
+RESULTS_DIR = "results"
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+READ_ATTEMPTS = 3
+PART_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,199}$")
+
+
+def _filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)``: URIs with a scheme via Arrow, the rest local."""
+    text = os.fspath(root)
+    if "://" in text:
+        fs, path = pafs.FileSystem.from_uri(text)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ResultsStore:
+    """Append-only Parquet datasets under one run's ``results/`` folder."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
+        self._fs, self._path = _filesystem(root)
+        self._local = isinstance(self._fs, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"ResultsStore({self.root!r})"
+
+    def folder(self, kind: str) -> str:
+        """The dataset folder, as a path inside this store's filesystem."""
+        _check_kind(kind)
+        return f"{self._path}/{kind}"
+
+    def _display(self, path: str) -> str:
+        """``path`` spelled the way the user spelled the root (URI or local path)."""
+        return self.root.rstrip("/") + path[len(self._path) :]
+
+    def append(self, kind: str, rows: Sequence[Mapping[str, Any]], part_key: str) -> str | None:
+        """Write ``rows`` as the part ``part_key`` of ``kind``; returns the file written.
+
+        Writing the same ``part_key`` again replaces that part. With no rows, nothing is
+        written and an earlier part of that key is removed (the part now holds no rows);
+        returns ``None``.
+        """
+        _check_kind(kind)
+        if not isinstance(part_key, str) or not PART_KEY.match(part_key):
+            raise ValueError(
+                f"part_key {part_key!r} must be 1-200 characters from [A-Za-z0-9_.=+-], "
+                f"starting with a letter or digit"
+            )
+        table = validate_rows(kind, rows)  # validate first: a bad row writes nothing
+        folder = self.folder(kind)
+        final = f"{folder}/{PART_PREFIX}{part_key}{PART_SUFFIX}"
+        if table.num_rows == 0:
+            if self._fs.get_file_info(final).type == pafs.FileType.File:
+                self._fs.delete_file(final)
+            return None
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue()
+        tmp = f"{folder}/.{PART_PREFIX}{part_key}{PART_SUFFIX}.tmp-{uuid.uuid4().hex}"
+        if self._local:
+            self._write_local(folder, tmp, final, data)
+        else:
+            self._fs.create_dir(folder, recursive=True)
+            try:
+                with self._fs.open_output_stream(tmp) as handle:
+                    handle.write(data)
+                self._fs.move(tmp, final)
+            finally:
+                if self._fs.get_file_info(tmp).type == pafs.FileType.File:
+                    self._fs.delete_file(tmp)
+        return self._display(final)
+
+    @staticmethod
+    def _write_local(folder: str, tmp: str, final: str, data: pa.Buffer) -> None:
+        os.makedirs(folder, exist_ok=True)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(memoryview(data))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def part_files(self, kind: str) -> list[str]:
+        """The finished part files of ``kind``, sorted (temporary files are not listed)."""
+        selector = pafs.FileSelector(self.folder(kind), allow_not_found=True)
+        names = [
+            info.path
+            for info in self._fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+            and info.base_name.startswith(PART_PREFIX)
+            and info.base_name.endswith(PART_SUFFIX)
+        ]
+        return sorted(names)
+
+    def read_table(self, kind: str) -> pa.Table:
+        """All rows of ``kind``; the columns are the union over part files.
+
+        (``pd.read_parquet(folder)`` takes the columns of one part file only; parts
+        written for datasets with more envs, or with other extra columns, can differ.)
+        """
+        for attempt in range(READ_ATTEMPTS):
+            files = self.part_files(kind)
+            if not files:
+                return schema(kind).empty_table()
+            try:
+                return self._read_files(kind, files)
+            except FileNotFoundError:
+                # A part was removed (re-appended with no rows) between listing and
+                # reading; list again.
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _read_files(self, kind: str, files: list[str]) -> pa.Table:
+        dataset = ds.dataset(files, format="parquet", filesystem=self._fs)
+        schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
+        unified = pa.unify_schemas([schema(kind), *schemas])
+        return ds.dataset(files, schema=unified, format="parquet", filesystem=self._fs).to_table()
+
+    def read(self, kind: str) -> pd.DataFrame:
+        """All rows of ``kind`` as a DataFrame (empty, with the schema's columns, if none)."""
+        return self.read_table(kind).to_pandas()
+
+    def read_all(self) -> dict[str, pd.DataFrame]:
+        return {kind: self.read(kind) for kind in KINDS}
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
+    """The three datasets of a run, given the run folder ``<storage>/<name>`` or its
+    ``results/`` folder (a local path or a URI)."""
+    fs, inner = _filesystem(path)
+    text = os.fspath(path).rstrip("/")
+    has_results = fs.get_file_info(f"{inner}/{RESULTS_DIR}").type == pafs.FileType.Directory
+    has_kinds = any(
+        fs.get_file_info(f"{inner}/{kind}").type == pafs.FileType.Directory for kind in KINDS
+    )
+    if has_results or not has_kinds:
+        # A run folder (or one with no results yet; its results/ would be empty anyway).
+        if not has_results and fs.get_file_info(inner).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no run or results folder at {text}")
+        text = f"{text}/{RESULTS_DIR}"
+    return ResultsStore(text).read_all()

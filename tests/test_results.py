@@ -1,0 +1,380 @@
+"""Parquet results: schemas, the store (atomic, idempotent parts), tables and plots."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raysoup.results import (
+    CONTRACT_COLUMNS,
+    KINDS,
+    ResultsStore,
+    best_single_table,
+    format_table,
+    load_results,
+    paper_table,
+    plot_method_bars,
+    plot_soup_progress,
+    schema,
+    validate_rows,
+)
+
+
+def trial_row(**overrides: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "sweep": "target",
+        "stage": "target",
+        "trial_id": "t00",
+        "dataset": "PACS",
+        "test_env": 0,
+        "trial_seed": 0,
+        "hparams_seed": 3,
+        "init": "fusing",
+        "init_sources": ["pretrained", "VLCS/run0"],
+        "init_weights": [0.25, 0.75],
+        "lr": 5e-5,
+        "weight_decay": 0.0,
+        "batch_size": 32,
+        "resnet_dropout": 0.1,
+        "steps": 5001,
+        "id_val_acc": 0.8,
+        "test_acc": 0.7,
+        "env0_in_acc": 0.9,
+        "env0_out_acc": 0.85,
+        "env1_in_acc": 0.95,
+        "env1_out_acc": 0.9,
+        "checkpoint": "/ckpt/t00",
+        "status": "done",
+        "wall_s": 12.5,
+    }
+    row.update(overrides)
+    return row
+
+
+def step_row(**overrides: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "sweep": "target",
+        "method": "greedy",
+        "trial_id": "t00",
+        "rank": 0,
+        "candidate_id_val_acc": 0.8,
+        "accepted": True,
+        "soup_size": 1,
+        "soup_id_val_acc": 0.8,
+        "decided_at": dt.datetime(2025, 1, 1, 12, tzinfo=dt.timezone.utc),
+        "dataset": "PACS",
+        "test_env": 0,
+        "trial_seed": 0,
+        "init": "pretrained",
+    }
+    row.update(overrides)
+    return row
+
+
+def soup_row(**overrides: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "sweep": "target",
+        "method": "greedy",
+        "dataset": "PACS",
+        "test_env": 0,
+        "trial_seed": 0,
+        "init": "pretrained",
+        "n_ingredients": 2,
+        "ingredients": ["t00", "t01"],
+        "id_val_acc": 0.81,
+        "test_acc": 0.72,
+        "checkpoint": "/ckpt/soup",
+    }
+    row.update(overrides)
+    return row
+
+
+# ---------------------------------------------------------------- store
+
+
+def test_round_trip_of_all_three_kinds(tmp_path: Path) -> None:
+    root = tmp_path / "run" / "results"
+    store = ResultsStore(root)
+    rows = {
+        "trials": [trial_row(), trial_row(trial_id="t01", init="pretrained", test_acc=math.nan)],
+        "soup_steps": [step_row(), step_row(trial_id="t01", rank=1, accepted=False)],
+        "soups": [soup_row(), soup_row(method="uniform")],
+    }
+    for kind, kind_rows in rows.items():
+        written = store.append(kind, kind_rows, part_key="p0")
+        assert written == str(root / kind / "part-p0.parquet")
+    frames = store.read_all()
+    for kind in KINDS:
+        frame = frames[kind]
+        assert set(CONTRACT_COLUMNS[kind]) <= set(frame.columns)
+        assert len(frame) == 2
+        # Plain pandas on the folder reads the same rows: the user-facing contract.
+        direct = pd.read_parquet(root / kind)
+        assert set(CONTRACT_COLUMNS[kind]) <= set(direct.columns)
+        assert len(direct) == 2
+    trials = frames["trials"]
+    assert list(trials["init_sources"][0]) == ["pretrained", "VLCS/run0"]
+    assert list(trials["init_weights"][0]) == [0.25, 0.75]
+    assert trials["test_env"].dtype == np.int64
+    assert math.isnan(trials["test_acc"][1])
+    assert trials["env5_out_acc"].isna().all()  # padded to 6 envs
+    steps = frames["soup_steps"]
+    assert steps["decided_at"][0] == pd.Timestamp("2025-01-01 12:00", tz="UTC")
+    assert steps["accepted"].tolist() == [True, False]
+    assert list(frames["soups"]["ingredients"][0]) == ["t00", "t01"]
+    # Both spellings of the location work.
+    for path in (tmp_path / "run", root):
+        assert len(load_results(path)["soups"]) == 2
+
+
+def test_empty_store_reads_typed_empty_frames(tmp_path: Path) -> None:
+    frames = ResultsStore(tmp_path / "results").read_all()
+    for kind in KINDS:
+        assert frames[kind].empty
+        assert list(frames[kind].columns) == schema(kind).names
+    assert ResultsStore(tmp_path).append("soups", [], part_key="nothing") is None
+    assert not (tmp_path / "soups").exists()
+
+
+def test_same_part_key_replaces_instead_of_duplicating(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    store.append("soups", [soup_row(test_acc=0.5)], part_key="PACS-0-0-greedy")
+    store.append("soups", [soup_row(method="uniform")], part_key="PACS-0-0-uniform")
+    store.append("soups", [soup_row(test_acc=0.6)], part_key="PACS-0-0-greedy")
+    soups = store.read("soups").sort_values("method")
+    assert soups["method"].tolist() == ["greedy", "uniform"]
+    assert soups["test_acc"].tolist() == [0.6, 0.72]
+    assert len(pd.read_parquet(tmp_path / "soups")) == 2
+    store.append("soups", [], part_key="PACS-0-0-uniform")  # no rows: the part is gone
+    assert store.read("soups")["method"].tolist() == ["greedy"]
+
+
+def test_half_written_temp_files_are_ignored(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    store.append("trials", [trial_row()], part_key="t00")
+    folder = tmp_path / "trials"
+    # What a writer killed mid-write leaves behind, and what one still writing shows.
+    (folder / ".part-t01.parquet.tmp-0123").write_bytes(b"PAR1\x00\x00half a file")
+    (folder / "_part-t02.parquet").write_bytes(b"PAR1")
+    assert store.read("trials")["trial_id"].tolist() == ["t00"]
+    assert pd.read_parquet(folder)["trial_id"].tolist() == ["t00"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("part-")) == [
+        "part-t00.parquet"
+    ]
+
+
+def test_parts_with_different_env_counts_read_as_one_table(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    store.append("trials", [trial_row(trial_id="a")], part_key="a")
+    store.append(
+        "trials", [trial_row(trial_id="b", env6_in_acc=0.5, content_hash="ab12")], part_key="b"
+    )
+    trials = store.read("trials").set_index("trial_id")
+    assert trials.loc["b", "env6_in_acc"] == 0.5
+    assert math.isnan(trials.loc["a", "env6_in_acc"])
+    assert trials.loc["b", "content_hash"] == "ab12"
+
+
+def test_store_on_a_uri_filesystem() -> None:
+    store = ResultsStore("mock:///bucket/run/results")
+    path = store.append("soups", [soup_row()], part_key="g")
+    assert path == "mock:///bucket/run/results/soups/part-g.parquet"
+    store.append("soups", [soup_row(test_acc=0.1)], part_key="g")
+    assert store.read("soups")["test_acc"].tolist() == [0.1]
+    assert store.part_files("soups") == ["bucket/run/results/soups/part-g.parquet"]
+
+
+def test_bad_part_keys_and_kinds_are_refused(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    for key in ("", "../x", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="part_key"):
+            store.append("soups", [soup_row()], part_key=key)
+    with pytest.raises(ValueError, match="unknown results dataset 'soup'"):
+        store.append("soup", [soup_row()], part_key="x")
+    with pytest.raises(ValueError, match=r"soups.*'test_acc'"):
+        store.append("soups", [soup_row(test_acc=1.5)], part_key="x")
+    assert not (tmp_path / "soups").exists()
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kind", "row", "message"),
+    [
+        (
+            "trials",
+            {k: v for k, v in trial_row().items() if k != "dataset"},
+            "'dataset' is required",
+        ),
+        ("trials", trial_row(stage="pretrain"), r"'stage'.*one of.*'pretrain'"),
+        ("trials", trial_row(init="soup"), r"'init'.*one of.*'soup'"),
+        ("trials", trial_row(init=None), "'init' is required for stage 'target'"),
+        ("trials", trial_row(test_env="0"), r"'test_env'.*type int64.*'0'"),
+        ("trials", trial_row(batch_size=True), r"'batch_size'.*int64.*True"),
+        ("trials", trial_row(id_val_acc=80.0), r"'id_val_acc'.*\[0, 1\].*80.0"),
+        ("trials", trial_row(id_val_acc=math.nan), r"'id_val_acc'.*NaN only.*nan"),
+        ("trials", trial_row(env3_out_acc=-0.1), r"'env3_out_acc'.*\[0, 1\].*-0.1"),
+        ("trials", trial_row(init_sources="pretrained"), r"'init_sources'.*list<item: string>"),
+        ("soup_steps", step_row(accepted="yes"), r"soup_steps: .*'accepted'.*bool.*'yes'"),
+        ("soup_steps", step_row(decided_at=12), r"'decided_at'.*timestamp.*12"),
+        ("soups", soup_row(method="best"), r"soups: .*'method'.*one of.*'best'"),
+        ("soups", soup_row(trial_seed=None), r"'trial_seed' must not be null"),
+    ],
+)
+def test_validation_names_kind_column_and_value(kind: str, row: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate_rows(kind, [row])
+
+
+def test_validation_accepts_nan_test_acc_and_naive_utc_times() -> None:
+    assert math.isnan(validate_rows("soups", [soup_row(test_acc=math.nan)])["test_acc"][0].as_py())
+    naive = validate_rows("soup_steps", [step_row(decided_at=dt.datetime(2025, 1, 1))])
+    assert naive["decided_at"][0].as_py() == dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    lp = validate_rows("trials", [trial_row(stage="lp", init=None, test_acc=None)])
+    assert lp["init"][0].as_py() is None
+    numpy_ints = validate_rows("trials", [trial_row(test_env=np.int64(2))])
+    assert numpy_ints["test_env"][0].as_py() == 2
+
+
+# ---------------------------------------------------------------- tables
+
+ACCS = {  # (test_env, trial_seed) -> test_acc for greedy/pretrained
+    (0, 0): 0.60,
+    (0, 1): 0.70,
+    (0, 2): 0.65,
+    (1, 0): 0.80,
+    (1, 1): 0.90,
+    (1, 2): 0.85,
+}
+
+
+def example_soups() -> pd.DataFrame:
+    rows = [soup_row(test_env=e, trial_seed=s, test_acc=a) for (e, s), a in ACCS.items()]
+    rows += [  # erm/ratatouille: seed 2 lacks env 1, so Avg uses seeds 0 and 1 only
+        soup_row(method="erm", init="ratatouille", test_env=0, trial_seed=0, test_acc=0.5),
+        soup_row(method="erm", init="ratatouille", test_env=0, trial_seed=1, test_acc=0.6),
+        soup_row(method="erm", init="ratatouille", test_env=0, trial_seed=2, test_acc=0.7),
+        soup_row(method="erm", init="ratatouille", test_env=1, trial_seed=0, test_acc=0.7),
+        soup_row(method="erm", init="ratatouille", test_env=1, trial_seed=1, test_acc=0.8),
+        soup_row(method="uniform", init="fusing", test_env=1, trial_seed=0, test_acc=0.75),
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_paper_table_matches_a_hand_computation() -> None:
+    table = paper_table(example_soups())
+    assert list(table.index) == [
+        ("erm", "ratatouille"),
+        ("uniform", "fusing"),
+        ("greedy", "pretrained"),
+    ]
+    assert list(dict.fromkeys(table.columns.get_level_values(0))) == ["0", "1", "Avg"]
+    greedy = table.loc[("greedy", "pretrained")]
+    # env 0: 60, 70, 65 -> mean 65, std (ddof=0) sqrt(50/3), SE = std / sqrt(3)
+    se0 = math.sqrt(((60 - 65) ** 2 + (70 - 65) ** 2 + 0) / 3) / math.sqrt(3)
+    assert greedy[("0", "mean")] == pytest.approx(65.0)
+    assert greedy[("0", "se")] == pytest.approx(se0)
+    assert greedy[("1", "mean")] == pytest.approx(85.0)
+    assert greedy[("1", "se")] == pytest.approx(se0)
+    # Avg per seed: 70, 80, 75 -> mean 75, same spread as env 0
+    assert greedy[("Avg", "mean")] == pytest.approx(75.0)
+    assert greedy[("Avg", "se")] == pytest.approx(se0)
+    erm = table.loc[("erm", "ratatouille")]
+    assert erm[("0", "mean")] == pytest.approx(60.0)
+    assert erm[("Avg", "mean")] == pytest.approx(65.0)  # seeds 0, 1: (60 + 70) / 2
+    assert erm[("Avg", "se")] == pytest.approx(5.0 / math.sqrt(2))
+    uniform = table.loc[("uniform", "fusing")]
+    assert math.isnan(uniform[("0", "mean")])
+    assert uniform[("1", "se")] == 0.0  # one seed: ± 0.0
+    assert math.isnan(uniform[("Avg", "mean")])
+
+
+def test_paper_table_dataset_choice_and_env_names() -> None:
+    soups = pd.concat([example_soups(), pd.DataFrame([soup_row(dataset="VLCS")])])
+    with pytest.raises(ValueError, match=r"several datasets \['PACS', 'VLCS'\]"):
+        paper_table(soups)
+    with pytest.raises(ValueError, match="no results for dataset 'OfficeHome'"):
+        paper_table(soups, dataset="OfficeHome")
+    named = paper_table(soups, dataset="PACS", env_names=["A", "C", "P", "S"])
+    assert list(dict.fromkeys(named.columns.get_level_values(0))) == ["A", "C", "P", "S", "Avg"]
+    assert math.isnan(named.loc[("greedy", "pretrained"), ("Avg", "mean")])  # no seed has P, S
+    assert paper_table(soups, dataset="VLCS").shape == (1, 4)
+
+
+def test_paper_table_refuses_conflicting_duplicates() -> None:
+    soups = example_soups()
+    assert paper_table(pd.concat([soups, soups.iloc[:1]])).equals(paper_table(soups))
+    clash = pd.concat([soups, pd.DataFrame([soup_row(test_acc=0.1)])])
+    with pytest.raises(ValueError, match=r"different test_acc.*trial_seed=0"):
+        paper_table(clash)
+
+
+def test_format_table_in_every_format() -> None:
+    table = paper_table(example_soups())
+    text = format_table(table, "text")
+    assert "65.0 ± 2.4" in text and "75.0 ± 2.4" in text and " X" in text
+    markdown = format_table(table, "markdown")
+    assert markdown.splitlines()[0] == "| method | init | 0 | 1 | Avg |"
+    assert "| greedy | pretrained | 65.0 ± 2.4 | 85.0 ± 2.4 | 75.0 ± 2.4 |" in markdown
+    csv = format_table(table, "csv")
+    assert csv.splitlines()[0] == "method,init,0_mean,0_se,1_mean,1_se,Avg_mean,Avg_se"
+    parsed = pd.read_csv(io.StringIO(csv)).set_index(["method", "init"])
+    assert parsed.loc[("greedy", "pretrained"), "Avg_mean"] == pytest.approx(75.0)
+    latex = format_table(table, "latex")
+    assert "greedy & pretrained & 65.0 $\\pm$ 2.4 & 85.0 $\\pm$ 2.4 & 75.0 $\\pm$ 2.4 \\\\" in latex
+    assert latex.startswith("\\begin{tabular}{llccc}")
+    with pytest.raises(ValueError, match=r"'html'.*text.*markdown.*csv.*latex"):
+        format_table(table, "html")
+
+
+def test_best_single_table_feeds_paper_table() -> None:
+    trials = pd.DataFrame(
+        [
+            trial_row(trial_id="t2", id_val_acc=0.9, test_acc=0.5),
+            trial_row(trial_id="t1", id_val_acc=0.9, test_acc=0.6),  # tie: smaller id wins
+            trial_row(trial_id="t0", id_val_acc=0.95, test_acc=0.1, status="error"),
+            trial_row(trial_id="t3", id_val_acc=0.99, stage="aux", init="pretrained"),
+            trial_row(trial_id="t4", id_val_acc=0.7, test_acc=0.4, trial_seed=1),
+        ]
+    )
+    erm = best_single_table(trials)
+    assert erm["ingredients"].map(list).tolist() == [["t1"], ["t4"]]
+    assert (erm["method"] == "erm").all() and (erm["n_ingredients"] == 1).all()
+    validate_rows("soups", erm.to_dict("records"))  # the soups layout, exactly
+    table = paper_table(erm)
+    assert table.loc[("erm", "fusing"), ("0", "mean")] == pytest.approx(50.0)
+    assert table.loc[("erm", "fusing"), ("0", "se")] == pytest.approx(10.0 / math.sqrt(2))
+    assert best_single_table(trials.iloc[:0]).empty
+
+
+def test_empty_results_give_an_empty_table() -> None:
+    table = paper_table(pd.DataFrame(columns=schema("soups").names))
+    assert table.empty
+    assert "method" in format_table(table, "text")
+
+
+# ---------------------------------------------------------------- plots
+
+
+def test_plots_write_pngs(tmp_path: Path) -> None:
+    steps = pd.DataFrame(
+        [
+            step_row(trial_id="a", rank=0, accepted=True, soup_size=1, soup_id_val_acc=0.8),
+            step_row(trial_id="b", rank=1, accepted=False, soup_size=1, soup_id_val_acc=0.8),
+            step_row(trial_id="c", rank=2, accepted=True, soup_size=2, soup_id_val_acc=0.82),
+            step_row(trial_id="a", rank=0, init="fusing"),
+        ]
+    )
+    for frame, name in ((steps, "progress.png"), (steps.iloc[:0], "empty.png")):
+        plot_soup_progress(frame, tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_method_bars(paper_table(example_soups()), tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").stat().st_size > 1000
