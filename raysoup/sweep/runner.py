@@ -1,0 +1,107 @@
+"""Run a sweep's stages as Ray Tune experiments under ``<storage>/<name>/``.
+
+Layout: ``sweep.json`` (the config, to refuse a different one under the same name),
+``tune/<stage>/`` (Tune's experiment state, for ``Tuner.restore``),
+``checkpoints/<stage>/<key>/`` (every run's checkpoint), ``results/`` (Parquet).
+
+Resume: a stage whose checkpoints all exist is skipped; an unfinished stage is restored
+(errored trials resumed); a trial whose checkpoint exists reports it without retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from raysoup.io.checkpoint import is_checkpoint
+from raysoup.options import OptionsError
+from raysoup.sweep.config import SweepConfig
+from raysoup.sweep.plan import PlannedRun, plan_sweep
+from raysoup.sweep.trainable import run_trial
+
+CONFIG_FILE = "sweep.json"
+RESULTS = "results"
+
+
+class SweepError(RuntimeError):
+    """A stage of the sweep could not finish."""
+
+
+def experiment_root(storage: str | Path, name: str) -> Path:
+    return Path(storage).expanduser().resolve() / name
+
+
+def record_config(root: Path, config: SweepConfig) -> None:
+    """Write the config on first run; refuse a different config under the same name."""
+    path = root / CONFIG_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") != config.fingerprint():
+            old, new = stored.get("config", {}), config.to_dict()
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise OptionsError(
+                f"{root} already holds sweep {config.name!r} with a different config "
+                f"(changed: {changed}); use another --name, or the original config to resume"
+            )
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": config.fingerprint(), "config": config.to_dict()}))
+    os.replace(tmp, path)
+
+
+def _trial_config(run: PlannedRun, root: Path, config: SweepConfig) -> dict:
+    """What one Tune trial receives: JSON-ready (paths as strings)."""
+    spec = json.loads(json.dumps(run.spec, default=str))
+    return {"key": run.key, "spec": spec, "sweep": config.name, "results": str(root / RESULTS)}
+
+
+def run_stage(stage: str, runs: list[PlannedRun], root: Path, config: SweepConfig) -> None:
+    todo = [run for run in runs if not is_checkpoint(run.spec["out"])]
+    if not todo:
+        print(f"raysoup: stage {stage}: all {len(runs)} runs done, skipped", file=sys.stderr)
+        return
+    print(f"raysoup: stage {stage}: {len(todo)} of {len(runs)} runs to do", file=sys.stderr)
+    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    trainable = tune.with_resources(run_trial, resources)
+    path = root / "tune" / stage
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"run": tune.grid_search([_trial_config(r, root, config) for r in runs])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent_trials or None),
+            run_config=tune.RunConfig(
+                name=stage,
+                storage_path=str(root / "tune"),
+                failure_config=tune.FailureConfig(max_failures=config.max_failures),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    missing = [run.key for run in runs if not is_checkpoint(run.spec["out"])]
+    if missing or grid.errors:
+        raise SweepError(
+            f"stage {stage}: {len(missing)} run(s) did not finish ({missing[:5]}); "
+            f"errors: {[str(e).splitlines()[0] for e in grid.errors[:3]]}. "
+            f"Run the same command again to resume."
+        )
+
+
+def run_sweep(config: SweepConfig, storage: str | Path) -> Path:
+    """Run (or resume) every stage; returns the experiment root."""
+    config.validate()
+    root = experiment_root(storage, config.name)
+    record_config(root, config)
+    plan = plan_sweep(config, root)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    for stage, runs in plan.items():
+        run_stage(stage, runs, root, config)
+    return root

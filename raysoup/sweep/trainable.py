@@ -1,0 +1,76 @@
+"""The Tune function trainable: a thin wrapper around ``train_run``.
+
+Idempotent by checkpoint: if the run's checkpoint already exists (the trial finished
+before an interruption but Tune had not recorded it), its stored metrics are reported
+again instead of retraining. The ``trials`` row is written from the checkpoint's
+metadata, keyed by the trial key, so a row is never duplicated.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from raysoup.io.checkpoint import CheckpointMeta, is_checkpoint, read_meta
+from raysoup.options import from_mapping
+from raysoup.results import ResultsStore
+from raysoup.training.trainer import RunSpec, train_run
+
+SCALARS = (int, float, str, bool)
+HPARAM_COLUMNS = ("lr", "weight_decay", "batch_size", "resnet_dropout", "steps")
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, SCALARS) and not (isinstance(v, float) and math.isnan(v))
+    }
+
+
+def trial_row(sweep: str, key: str, meta: CheckpointMeta, checkpoint: Path) -> dict[str, Any]:
+    """The ``trials`` row of a finished run, from its checkpoint metadata alone."""
+    metrics = meta.metrics
+    return {
+        "sweep": sweep,
+        "stage": meta.stage,
+        "trial_id": key,
+        "dataset": meta.dataset,
+        "test_env": meta.test_env,
+        "trial_seed": meta.trial_seed,
+        "hparams_seed": meta.hparams_seed,
+        "init": meta.init.get("strategy") if meta.stage == "target" else None,
+        "init_sources": meta.init.get("sources", []),
+        "init_weights": meta.init.get("weights", []),
+        **{name: meta.hparams.get(name) for name in HPARAM_COLUMNS},
+        "id_val_acc": metrics.get("id_val_acc"),
+        "test_acc": metrics.get("test_acc", float("nan")),
+        **{k: v for k, v in metrics.items() if k.startswith("env") and k.endswith("_acc")},
+        "checkpoint": str(checkpoint),
+        "content_hash": meta.content_hash,
+        "status": "done",
+        "wall_s": metrics.get("wall_s"),
+    }
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune entry point: ``config["run"] = {"key", "spec", "sweep", "results"}``."""
+    run = config["run"]
+    spec = from_mapping(RunSpec, run["spec"], run["key"])
+    reused = is_checkpoint(spec.out)
+    if not reused:
+
+        def progress(metrics: dict[str, Any]) -> None:
+            tune.report({**_scalars(metrics), "key": run["key"]})
+
+        train_run(spec, on_eval=progress)
+    meta = read_meta(spec.out)
+    row = trial_row(run["sweep"], run["key"], meta, Path(spec.out))
+    ResultsStore(run["results"]).append("trials", [row], part_key=run["key"])
+    tune.report(
+        {**_scalars(meta.metrics), "key": run["key"], "reused": reused, "final": True},
+        checkpoint=tune.Checkpoint.from_directory(str(spec.out)),
+    )
