@@ -29,6 +29,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from raysoup.results import best_single_table, format_table, load_results, paper_table
+    from raysoup.sweep.config import load_config
+    from raysoup.sweep.runner import run_sweep
+
+    config = load_config(args.config, name=args.name)  # validated before Ray starts
+    root = run_sweep(config, args.storage)
+    trials = load_results(root)["trials"]
+    print(format_table(paper_table(best_single_table(trials), dataset=config.dataset)))
+    print(f"results: {root / 'results'}")
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from raysoup.results import best_single_table, format_table, load_results, paper_table
+
+    results = load_results(args.path)
+    soups = results["soups"]
+    if soups.empty:  # no soups yet: the best single model per init strategy
+        soups = best_single_table(results["trials"])
+    print(format_table(paper_table(soups, dataset=args.dataset), args.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from raysoup.training.trainer import RunSpec
 
@@ -41,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(train, RunSpec)
     train.set_defaults(handler=_train)
+
+    run = commands.add_parser(
+        "run",
+        help="run (or resume) a whole sweep on Ray: base, LP, auxiliary pool, target sweep",
+        description="Run every stage of a sweep; the same command resumes an interrupted one. "
+        "With no CONFIG, the built-in quickstart runs locally, offline, on CPU.",
+    )
+    run.add_argument("config", nargs="?", default=None, help="sweep config YAML")
+    run.add_argument("--storage", default="runs", help="local path (default: ./runs)")
+    run.add_argument("--name", default=None, help="experiment name (default: the config's)")
+    run.set_defaults(handler=_run)
+
+    results = commands.add_parser("results", help="print the paper-style table of a sweep")
+    results.add_argument("path", help="<storage>/<name> or its results/ folder")
+    results.add_argument("--dataset", default=None, help="when several datasets are present")
+    results.add_argument("--format", default="text", choices=["text", "markdown", "csv", "latex"])
+    results.set_defaults(handler=_results)
     return parser
 
 
@@ -52,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OptionsError, ValueError, FileNotFoundError) as error:
         print(f"raysoup {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # e.g. SweepError: a stage did not finish
+        print(f"raysoup {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
