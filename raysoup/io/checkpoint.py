@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from raysoup.io.atomic import fsync_dir
+
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "raysoup.json"
 FORMAT_VERSION = 1
@@ -78,14 +80,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
@@ -112,7 +106,7 @@ def save_checkpoint(
             os.fsync(handle.fileno())
         meta = dataclasses.replace(meta, content_hash=file_sha256(weights))
         _write_file(tmp / META_FILE, meta.to_json().encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if directory.exists():
             # Move the old one aside first: a crash in between leaves it recoverable.
             old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
@@ -121,7 +115,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

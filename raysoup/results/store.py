@@ -25,6 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raysoup.io.atomic import fsync_dir
 from raysoup.results.schema import KINDS, _check_kind, schema, validate_rows
 
 RESULTS_DIR = "results"
@@ -41,14 +42,6 @@ def _filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
         fs, path = pafs.FileSystem.from_uri(text)
         return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ResultsStore:
@@ -117,7 +110,7 @@ class ResultsStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from raysoup.io.atomic import atomic_write_bytes
 from raysoup.io.checkpoint import is_checkpoint
 from raysoup.options import OptionsError
 from raysoup.sweep.config import SweepConfig
@@ -49,10 +50,8 @@ def record_config(root: Path, config: SweepConfig) -> None:
                 f"(changed: {changed}); use another --name, or the original config to resume"
             )
         return
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": config.fingerprint(), "config": config.to_dict()}))
-    os.replace(tmp, path)
+    record = {"fingerprint": config.fingerprint(), "config": config.to_dict()}
+    atomic_write_bytes(path, json.dumps(record, indent=2).encode())
 
 
 def _trial_config(run: PlannedRun, root: Path, config: SweepConfig) -> dict:
