@@ -1,0 +1,41 @@
+"""Run a sweep (the built-in quickstart, or a YAML config) on a local or running Ray cluster.
+
+Locally:        python experiments/quickstart.py --storage runs
+On a cluster:   ray submit cluster.yaml experiments/quickstart.py -- --address auto \
+                    --storage /mnt/shared/runs
+Same command again: resumes the interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import ray
+
+from raysoup.results import best_single_table, format_table, load_results, paper_table
+from raysoup.sweep.config import load_config
+from raysoup.sweep.runner import run_sweep
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default=None, help="sweep config YAML")
+    parser.add_argument("--storage", default="runs", help="shared path every node sees")
+    parser.add_argument("--name", default=None, help="experiment name")
+    parser.add_argument(
+        "--address", default=None, help="'auto' to attach to the running cluster (ray submit)"
+    )
+    args = parser.parse_args(argv)
+    config = load_config(args.config, name=args.name)  # validated before Ray starts
+    ray.init(address=args.address or "local")
+    root = run_sweep(config, args.storage)
+    soups = load_results(root)["soups"]
+    if soups.empty:
+        soups = best_single_table(load_results(root)["trials"])
+    print(format_table(paper_table(soups, dataset=config.dataset)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
