@@ -15,6 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
+from raysoup.io.checkpoint import import_state_dict
+
 ARCHS = ("cnn", "resnet18", "resnet50")
 
 
@@ -69,8 +71,6 @@ def load_imagenet_state_dict(depth: int, weights_path: str | Path | None = None)
 
     Set ``RAYSOUP_OFFLINE=1`` to never try the download.
     """
-    from raysoup.io.checkpoint import import_state_dict  # io depends on nothing here
-
     if weights_path is not None:
         return import_state_dict(weights_path)
     cached = imagenet_cache_path(depth)

@@ -48,6 +48,7 @@ from raysoup.io.checkpoint import (
 from raysoup.models.networks import ARCHS, Network, build_network
 from raysoup.options import OptionsError, option
 from raysoup.seeding import seed_hash
+from raysoup.training.evaluate import evaluate_splits
 from raysoup.training.hparams import REGISTRIES, sample_hparams
 from raysoup.training.inits import (
     AUX_BUFFERS,
@@ -286,8 +287,6 @@ def train_run(
     spec: RunSpec, on_eval: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
     """Train one run, save its checkpoint to ``spec.out`` and return its metrics."""
-    from raysoup.training.evaluate import evaluate_splits
-
     started = time.time()
     dataset_cls = spec.validate()
     device = spec.resolve_device()
