@@ -13,7 +13,7 @@ import sys
 
 import ray
 
-from raysoup.results import best_single_table, format_table, load_results, paper_table
+from raysoup.results import load_results, sweep_table
 from raysoup.sweep.config import load_config
 from raysoup.sweep.runner import run_sweep
 
@@ -30,10 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, name=args.name)  # validated before Ray starts
     ray.init(address=args.address or "local")
     root = run_sweep(config, args.storage)
-    soups = load_results(root)["soups"]
-    if soups.empty:
-        soups = best_single_table(load_results(root)["trials"])
-    print(format_table(paper_table(soups, dataset=config.dataset)))
+    print(sweep_table(load_results(root), dataset=config.dataset))
     return 0
 
 

@@ -30,26 +30,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from raysoup.results import best_single_table, format_table, load_results, paper_table
+    from raysoup.results import load_results, sweep_table
     from raysoup.sweep.config import load_config
     from raysoup.sweep.runner import run_sweep
 
     config = load_config(args.config, name=args.name)  # validated before Ray starts
     root = run_sweep(config, args.storage)
-    trials = load_results(root)["trials"]
-    print(format_table(paper_table(best_single_table(trials), dataset=config.dataset)))
+    print(sweep_table(load_results(root), dataset=config.dataset))
     print(f"results: {root / 'results'}")
     return 0
 
 
 def _results(args: argparse.Namespace) -> int:
-    from raysoup.results import best_single_table, format_table, load_results, paper_table
+    from raysoup.results import load_results, sweep_table
 
-    results = load_results(args.path)
-    soups = results["soups"]
-    if soups.empty:  # no soups yet: the best single model per init strategy
-        soups = best_single_table(results["trials"])
-    print(format_table(paper_table(soups, dataset=args.dataset), args.format))
+    print(sweep_table(load_results(args.path), dataset=args.dataset, fmt=args.format))
     return 0
 
 

@@ -23,6 +23,7 @@ from raysoup.results import (
     plot_method_bars,
     plot_soup_progress,
     schema,
+    sweep_table,
     validate_rows,
 )
 
@@ -353,6 +354,15 @@ def test_best_single_table_feeds_paper_table() -> None:
     assert table.loc[("erm", "fusing"), ("0", "mean")] == pytest.approx(50.0)
     assert table.loc[("erm", "fusing"), ("0", "se")] == pytest.approx(10.0 / math.sqrt(2))
     assert best_single_table(trials.iloc[:0]).empty
+
+
+def test_sweep_table_prefers_soups_over_best_single_models() -> None:
+    trials = pd.DataFrame([trial_row(trial_id="t1", id_val_acc=0.9, test_acc=0.6)])
+    before = sweep_table({"trials": trials, "soups": pd.DataFrame()}, fmt="csv")
+    assert "erm" in before and "greedy" not in before
+    soups = pd.DataFrame([soup_row(method="greedy", test_acc=0.75)])
+    after = sweep_table({"trials": trials, "soups": soups}, fmt="csv")
+    assert "greedy" in after and "75.0" in after and "erm" not in after
 
 
 def test_empty_results_give_an_empty_table() -> None:

@@ -22,6 +22,7 @@ from raysoup.results.tables import (
     format_table,
     mean_se,
     paper_table,
+    sweep_table,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "plot_method_bars",
     "plot_soup_progress",
     "schema",
+    "sweep_table",
     "validate_rows",
 ]
 

@@ -244,3 +244,16 @@ def best_single_table(trials: pd.DataFrame) -> pd.DataFrame:
         },
         columns=SOUP_COLUMNS,
     )
+
+
+def sweep_table(
+    results: dict[str, pd.DataFrame], dataset: str | None = None, fmt: str = "text"
+) -> str:
+    """The paper table of a sweep's results (as ``load_results`` returns them).
+
+    Soup rows when there are any; before the first soup, the best single model per init.
+    """
+    soups = results["soups"]
+    if soups.empty:
+        soups = best_single_table(results["trials"])
+    return format_table(paper_table(soups, dataset=dataset), fmt)
