@@ -231,3 +231,15 @@ def test_domainbed_imagefolder_run_with_resnet(tmp_path: Path) -> None:
     meta = read_meta(tmp_path / "ck")
     assert meta.arch == "resnet18" and meta.envs == ["A", "C", "P", "S"] and meta.num_classes == 7
     assert meta.init["pretrained_from"] == str(weights)
+
+
+def test_arch_resolution_follows_the_resnet18_hparam(tmp_path: Path) -> None:
+    """The network built and the arch recorded in the checkpoint come from one place."""
+    from raysoup.data.domainbed import PACS
+    from raysoup.training.trainer import resolve_arch
+
+    spec = RunSpec(dataset="PACS", out=tmp_path / "o", data_dir=tmp_path)
+    assert resolve_arch(spec, PACS, {"resnet18": False}) == "resnet50"
+    assert resolve_arch(spec, PACS, {"resnet18": True}) == "resnet18"
+    spec.arch = "cnn"
+    assert resolve_arch(spec, PACS, {"resnet18": True}) == "cnn"

@@ -160,6 +160,11 @@ def plan_init(
 # ---------------------------------------------------------------- auxiliary pool
 
 
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` (e.g. ``featurizer.``), with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 @dataclass
 class AuxPool:
     """Auxiliary checkpoints grouped by dataset, datasets and runs in a stable order."""
@@ -210,9 +215,7 @@ def load_aux_featurizer(
             f"using it would leak target data"
         )
     state, _ = load_checkpoint(path)
-    featurizer = {
-        k[len(FEATURIZER_PREFIX) :]: v for k, v in state.items() if k.startswith(FEATURIZER_PREFIX)
-    }
+    featurizer = strip_prefix(state, FEATURIZER_PREFIX)
     if not featurizer:
         raise CheckpointError(f"{path}: holds no '{FEATURIZER_PREFIX}*' tensors")
     check_state_dict(featurizer, reference, Path(path) / "model.safetensors")

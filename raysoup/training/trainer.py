@@ -61,6 +61,7 @@ from raysoup.training.inits import (
     discover_aux_pool,
     featurizer_from_plan,
     plan_init,
+    strip_prefix,
 )
 
 STAGES = ("base", "lp", "aux", "target")
@@ -202,13 +203,9 @@ def ensure_base_checkpoint(cache_dir: Path | None = None, device: str = "auto") 
 # ---------------------------------------------------------------- the run
 
 
-def _state_with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def _load_part(module: nn.Module, path: Path, prefix: str) -> None:
     state, _ = load_checkpoint(path)
-    part = _state_with_prefix(state, prefix)
+    part = strip_prefix(state, prefix)
     check_state_dict(part, module.state_dict(), Path(path) / "model.safetensors")
     module.load_state_dict(part)
 
@@ -224,13 +221,22 @@ def _check_lp_head(spec: RunSpec, path: Path) -> None:
         )
 
 
+def resolve_arch(
+    spec: RunSpec, dataset_cls: type[MultiDomainDataset], hparams: dict[str, Any]
+) -> str:
+    """The network of a run: ``--arch``, else the dataset's; the ``resnet18`` hparam
+    (DomainBed's switch) turns a ResNet-50 into a ResNet-18."""
+    arch = spec.arch or dataset_cls.DEFAULT_ARCH
+    if arch in ("resnet18", "resnet50") and hparams.get("resnet18"):
+        return "resnet18"
+    return arch
+
+
 def build_start_network(
     spec: RunSpec, dataset_cls: type[MultiDomainDataset], hparams: dict[str, Any]
 ) -> tuple[Network, InitPlan, str]:
     """The network a run starts from, its init plan, and where 'pretrained' came from."""
-    arch = spec.arch or dataset_cls.DEFAULT_ARCH
-    if arch in ("resnet18", "resnet50") and hparams.get("resnet18"):
-        arch = "resnet18"
+    arch = resolve_arch(spec, dataset_cls, hparams)
     imagenet = arch != "cnn" and spec.stage != "base"
     network = build_network(
         arch,
@@ -350,7 +356,7 @@ def train_run(
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
     last_metrics: dict[str, Any] = {}
     for step in range(steps):
-        if head_only_steps and step == head_only_steps and spec.stage != "lp":
+        if head_only_steps and step == head_only_steps:  # never true for LP (all head-only)
             optimizer = set_phase(False)
         xs, ys = zip(*(next(stream) for stream in streams), strict=True)
         x = torch.cat(xs).to(device, non_blocking=True)
@@ -389,7 +395,7 @@ def train_run(
     meta = CheckpointMeta(
         dataset=spec.dataset,
         envs=list(dataset_cls.ENVIRONMENTS),
-        arch=spec.arch or dataset_cls.DEFAULT_ARCH,
+        arch=resolve_arch(spec, dataset_cls, hparams),
         num_classes=dataset_cls.NUM_CLASSES,
         stage=spec.stage,
         test_env=spec.test_env,
