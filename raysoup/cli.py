@@ -48,6 +48,24 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soup(args: argparse.Namespace) -> int:
+    from raysoup.results import load_results, sweep_table
+    from raysoup.soup.maker import METHODS
+    from raysoup.sweep.runner import resoup
+
+    methods = METHODS if args.method == "all" else ("erm", args.method)
+    rows = resoup(args.path, methods=methods, accept=args.accept, device=args.device)
+    for row in rows:
+        print(
+            f"{row['method']:<8} {row['init']:<12} env {row['test_env']} seed "
+            f"{row['trial_seed']}: {row['n_ingredients']} ingredient(s), id_val "
+            f"{row['id_val_acc']:.4f}, test {row['test_acc']:.4f}",
+            file=sys.stderr,
+        )
+    print(sweep_table(load_results(args.path)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from raysoup.training.trainer import RunSpec
 
@@ -77,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--dataset", default=None, help="when several datasets are present")
     results.add_argument("--format", default="text", choices=["text", "markdown", "csv", "latex"])
     results.set_defaults(handler=_results)
+
+    soup = commands.add_parser(
+        "soup",
+        help="recompute a sweep's soups from its trial checkpoints (no retraining)",
+        description="Post-hoc soups: rebuild the erm/uniform/greedy soups of a finished (or "
+        "partial) sweep from its target trial checkpoints, replacing its soups rows.",
+    )
+    soup.add_argument("path", help="the sweep folder <storage>/<name>")
+    soup.add_argument("--method", default="all", choices=["all", "greedy", "uniform"])
+    soup.add_argument(
+        "--accept", default=None, choices=["ge", "gt"], help="default: the sweep's soup_accept"
+    )
+    soup.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    soup.set_defaults(handler=_soup)
     return parser
 
 

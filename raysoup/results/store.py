@@ -115,6 +115,11 @@ class ResultsStore:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
+    def has_part(self, kind: str, part_key: str) -> bool:
+        """Whether the part ``part_key`` of ``kind`` exists (finished writes only)."""
+        path = f"{self.folder(kind)}/{PART_PREFIX}{part_key}{PART_SUFFIX}"
+        return self._fs.get_file_info(path).type == pafs.FileType.File
+
     def part_files(self, kind: str) -> list[str]:
         """The finished part files of ``kind``, sorted (temporary files are not listed)."""
         selector = pafs.FileSelector(self.folder(kind), allow_not_found=True)

@@ -121,6 +121,37 @@ class RunningSoup:
                 out[key] = maximum.to(self.device if self.device is not None else spec.device)
         return out
 
+    def average_with(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The uniform soup of the ingredients *plus* ``state``, leaving this soup as it is.
+
+        This is how a candidate is tried: a subtraction afterwards would not restore the
+        sums bit for bit (floating-point addition does not undo exactly).
+        """
+        if self._count == 0:
+            trial = RunningSoup(self.accum_dtype, self.device)
+            trial.add(state)
+            return trial.average()
+        self._check(state)
+        keys = list(self._sums)
+        values = [
+            state[k].detach().to(device=self._sums[k].device, dtype=self._sums[k].dtype)
+            for k in keys
+        ]
+        totals = torch._foreach_add([self._sums[k] for k in keys], values)
+        torch._foreach_div_(totals, float(self._count + 1))
+        averaged = dict(zip(keys, totals, strict=True))
+        out: dict[str, Tensor] = {}
+        for key, spec in self._specs.items():
+            if spec.floating:
+                out[key] = averaged[key].to(spec.dtype)
+            else:
+                stacked = torch.stack(
+                    [*self._int_values[key].values(), self._as_int(key, state[key])]
+                )
+                maximum = stacked.any(dim=0) if spec.dtype == torch.bool else stacked.amax(dim=0)
+                out[key] = maximum.to(self.device if self.device is not None else spec.device)
+        return out
+
     # ------------------------------------------------------------ internals
 
     def _target_device(self, t: Tensor) -> torch.device:

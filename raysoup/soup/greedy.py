@@ -18,7 +18,7 @@ after every ``add``, exactly ``batch_greedy`` of the candidates received so far.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 ACCEPT = ("ge", "gt")
@@ -147,14 +147,17 @@ class StreamingGreedy:
     memoisation is keyed by ids *and* content hashes, so a replaced checkpoint is re-evaluated.
     """
 
-    def __init__(self, evaluate: Evaluate, accept: str = "ge") -> None:
+    def __init__(
+        self, evaluate: Evaluate, accept: str = "ge", memo: Mapping[_Key, float] | None = None
+    ) -> None:
+        """``memo``: evaluations already known (e.g. restored after a restart)."""
         _check_accept(accept)
         self._evaluate = evaluate
         self._accept = accept
         self._ranked: list[Candidate] = []
         self._steps: dict[str, _Step] = {}
         self._decisions: dict[str, Decision] = {}
-        self._memo: dict[_Key, float] = {}
+        self._memo: dict[_Key, float] = dict(memo or {})
         self.n_evaluations = 0
         self.memo_hits = 0
 
@@ -163,6 +166,11 @@ class StreamingGreedy:
     @property
     def accept(self) -> str:
         return self._accept
+
+    @property
+    def memo(self) -> dict[_Key, float]:
+        """Every evaluation so far, keyed by the ingredients' ``(trial_id, content_hash)``."""
+        return dict(self._memo)
 
     @property
     def candidates(self) -> list[Candidate]:

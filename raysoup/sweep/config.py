@@ -56,6 +56,9 @@ class SweepConfig:
     max_failures: int = option(2, help="retries of a failed trial")
     max_concurrent_trials: int = option(0, help="0 = as many as resources allow")
     soup_accept: str = option("ge", help="greedy soup acceptance: >= or >", choices=ACCEPT)
+    soup_cpus: float = option(0.0, help="CPUs reserved for the soup actor")
+    soup_gpus: float = option(0.0, help="GPU share of the soup actor (it evaluates soups)")
+    soup_max_models: int = option(2, help="full models the soup actor may cache in memory")
 
     def validate(self) -> SweepConfig:
         """Raise ``OptionsError`` naming the first impossible value; return self."""
@@ -120,6 +123,11 @@ class SweepConfig:
             raise OptionsError(f"fusing_range={self.fusing_range}: expected >= 0")
         if not 0 < self.holdout_fraction < 1:
             raise OptionsError(f"holdout_fraction={self.holdout_fraction}: expected (0, 1)")
+        if self.soup_cpus < 0 or self.soup_gpus < 0 or self.soup_max_models < 0:
+            raise OptionsError(
+                f"soup_cpus={self.soup_cpus}, soup_gpus={self.soup_gpus}, "
+                f"soup_max_models={self.soup_max_models}: expected values >= 0"
+            )
         if self.max_failures < 0 or self.max_concurrent_trials < 0:
             raise OptionsError("max_failures and max_concurrent_trials must be >= 0")
         return self
@@ -131,7 +139,8 @@ class SweepConfig:
     def fingerprint(self) -> str:
         """Identity of what the sweep computes: two configs with the same one are the same."""
         values = self.to_dict()
-        for knob in ("max_concurrent_trials", "max_failures"):  # how, not what
+        how = ("max_concurrent_trials", "max_failures", "soup_cpus", "soup_gpus", "soup_max_models")
+        for knob in how:  # how it runs, not what it computes
             values.pop(knob)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 

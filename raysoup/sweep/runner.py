@@ -17,10 +17,14 @@ from pathlib import Path
 
 import ray
 from ray import tune
+from ray.actor import ActorHandle
 
 from raysoup.io.atomic import atomic_write_bytes
 from raysoup.io.checkpoint import is_checkpoint
-from raysoup.options import OptionsError
+from raysoup.options import OptionsError, from_mapping
+from raysoup.soup.actor import SoupFeeder, start_soup_actor
+from raysoup.soup.group import GroupKey, Offer
+from raysoup.soup.maker import METHODS, SoupMaker
 from raysoup.sweep.config import SweepConfig
 from raysoup.sweep.plan import PlannedRun, plan_sweep
 from raysoup.sweep.trainable import run_trial
@@ -35,6 +39,14 @@ class SweepError(RuntimeError):
 
 def experiment_root(storage: str | Path, name: str) -> Path:
     return Path(storage).expanduser().resolve() / name
+
+
+def read_config(root: Path) -> SweepConfig:
+    """The config a sweep under ``root`` was started with."""
+    path = Path(root) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{root} holds no sweep: {CONFIG_FILE} is missing")
+    return from_mapping(SweepConfig, json.loads(path.read_text())["config"], str(path))
 
 
 def record_config(root: Path, config: SweepConfig) -> None:
@@ -60,7 +72,13 @@ def _trial_config(run: PlannedRun, root: Path, config: SweepConfig) -> dict:
     return {"key": run.key, "spec": spec, "sweep": config.name, "results": str(root / RESULTS)}
 
 
-def run_stage(stage: str, runs: list[PlannedRun], root: Path, config: SweepConfig) -> None:
+def run_stage(
+    stage: str,
+    runs: list[PlannedRun],
+    root: Path,
+    config: SweepConfig,
+    callbacks: list[tune.Callback] | None = None,
+) -> None:
     todo = [run for run in runs if not is_checkpoint(run.spec["out"])]
     if not todo:
         print(f"raysoup: stage {stage}: all {len(runs)} runs done, skipped", file=sys.stderr)
@@ -70,6 +88,7 @@ def run_stage(stage: str, runs: list[PlannedRun], root: Path, config: SweepConfi
     trainable = tune.with_resources(run_trial, resources)
     path = root / "tune" / stage
     if tune.Tuner.can_restore(str(path)):
+        # The callbacks come back from the saved experiment state.
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -80,6 +99,7 @@ def run_stage(stage: str, runs: list[PlannedRun], root: Path, config: SweepConfi
                 name=stage,
                 storage_path=str(root / "tune"),
                 failure_config=tune.FailureConfig(max_failures=config.max_failures),
+                callbacks=list(callbacks or []),
                 verbose=1,
             ),
         )
@@ -102,5 +122,87 @@ def run_sweep(config: SweepConfig, storage: str | Path) -> Path:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     for stage, runs in plan.items():
-        run_stage(stage, runs, root, config)
+        if stage != "target":
+            run_stage(stage, runs, root, config)
+            continue
+        soup = start_soup(root, config, runs)
+        run_stage(stage, runs, root, config, callbacks=[SoupFeeder(config.name)])
+        hand_over(soup, runs)  # idempotent: whatever the actor already has is skipped
+        for row in ray.get(soup.finalize.remote()):
+            print(
+                f"raysoup: soup {row['method']:<8} {row['init']:<12} env {row['test_env']} "
+                f"seed {row['trial_seed']}: {row['n_ingredients']} ingredient(s), "
+                f"test {row['test_acc']:.4f}",
+                file=sys.stderr,
+            )
     return root
+
+
+def start_soup(root: Path, config: SweepConfig, runs: list[PlannedRun]) -> ActorHandle:
+    """The sweep's soup actor, handed every target trial that already finished (a resume:
+    trials completed while no actor was listening)."""
+    expected: dict[GroupKey, list[str]] = {}
+    for run in runs:
+        spec = run.spec
+        key = GroupKey(spec["dataset"], spec["test_env"], spec["trial_seed"], spec["init"])
+        expected.setdefault(key, []).append(run.key)
+    soup = start_soup_actor(
+        root,
+        config.name,
+        expected,
+        num_cpus=config.soup_cpus,
+        num_gpus=config.soup_gpus,
+        accept=config.soup_accept,
+        data_dir=config.data_dir,
+        holdout_fraction=config.holdout_fraction,
+        max_models=config.soup_max_models,
+    )
+    hand_over(soup, runs)
+    return soup
+
+
+def hand_over(soup: ActorHandle, runs: list[PlannedRun]) -> None:
+    """Offer every finished target trial to the actor (fire-and-forget)."""
+    offers = [
+        Offer.from_checkpoint(run.key, run.spec["out"]).to_dict()
+        for run in runs
+        if is_checkpoint(run.spec["out"])
+    ]
+    if offers:
+        soup.offer.remote(offers)
+
+
+def resoup(
+    root: str | Path,
+    methods: tuple[str, ...] = METHODS,
+    accept: str | None = None,
+    device: str = "auto",
+) -> list[dict]:
+    """Recompute a sweep's soups from its trial checkpoints, without Ray or retraining.
+
+    Writes the same ``soups`` / ``soup_steps`` parts (and soup checkpoints) as the actor,
+    replacing them; ``accept`` defaults to the sweep's ``soup_accept``.
+    """
+    root = Path(root)
+    config = read_config(root)
+    runs = plan_sweep(config, root).get("target", [])
+    offers = [
+        Offer.from_checkpoint(run.key, run.spec["out"])
+        for run in runs
+        if is_checkpoint(run.spec["out"])
+    ]
+    if not offers:
+        raise FileNotFoundError(f"{root}: no finished target trial to soup")
+    maker = SoupMaker(
+        root,
+        config.name,
+        accept=accept or config.soup_accept,
+        data_dir=config.data_dir,
+        holdout_fraction=config.holdout_fraction,
+        device=device,
+        max_models=config.soup_max_models,
+        methods=methods,
+        persist=False,
+    )
+    maker.offer(offers)
+    return maker.finalize_all()

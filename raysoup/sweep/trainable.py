@@ -17,6 +17,7 @@ from ray import tune
 from raysoup.io.checkpoint import CheckpointMeta, is_checkpoint, read_meta
 from raysoup.options import from_mapping
 from raysoup.results import ResultsStore
+from raysoup.soup.actor import GROUP_FIELDS, OFFER_FIELDS
 from raysoup.training.trainer import RunSpec, train_run
 
 SCALARS = (int, float, str, bool)
@@ -70,7 +71,10 @@ def run_trial(config: dict[str, Any]) -> None:
     meta = read_meta(spec.out)
     row = trial_row(run["sweep"], run["key"], meta, Path(spec.out))
     ResultsStore(run["results"]).append("trials", [row], part_key=run["key"])
+    # Everything the soup actor needs rides on the final result (see SoupFeeder).
+    offer = {name: row[name] for name in (*OFFER_FIELDS, *GROUP_FIELDS) if name in row}
     tune.report(
-        {**_scalars(meta.metrics), "key": run["key"], "reused": reused, "final": True},
+        {**_scalars(meta.metrics), **_scalars(offer), "stage": meta.stage, "key": run["key"]}
+        | {"reused": reused, "final": True},
         checkpoint=tune.Checkpoint.from_directory(str(spec.out)),
     )

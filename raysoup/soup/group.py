@@ -1,0 +1,253 @@
+"""The soups of one group — (dataset, test env, trial seed, init) — over the trials received.
+
+``GroupSoup`` ties the pure Recipe-1 bookkeeping (``StreamingGreedy``) to real weights:
+
+- Evaluating an ingredient *set* means averaging its checkpoints and scoring the average
+  on ID-val. The average is always summed in **rank order** (best first), whatever order
+  the trials arrived in, so the same set gives bit-identical weights — and hence the same
+  accuracy — in a run that restarted, in a post-hoc run, or in an undisturbed one.
+- Recipe 1 only ever tries ``soup + candidate`` where every soup member ranks above the
+  candidate, so the running sum of the current soup is a rank-order *prefix*: trying a
+  candidate is one load and one ``average_with``. When an accepted newcomer changes the
+  soup from the middle, the prefix sum is rebuilt from the checkpoints (one model in
+  memory at a time).
+- Memory: the fp64 running sum, the trial average, the network and at most
+  ``max_models`` cached state dicts — whatever the number of trials.
+- Every load checks the checkpoint's content hash against the hash the trial was offered
+  with: a checkpoint replaced after it was offered raises ``StaleCheckpoint``, and the
+  caller re-offers the new version (``StreamingGreedy`` replaces it consistently).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysoup.io.checkpoint import CheckpointMeta, load_checkpoint, read_meta
+from raysoup.soup.average import RunningSoup
+from raysoup.soup.greedy import Candidate, Decision, StreamingGreedy
+
+State = dict[str, torch.Tensor]
+Item = tuple[str, str]  # (trial_id, content_hash)
+
+
+@dataclass(frozen=True, order=True)
+class GroupKey:
+    """Trials of one key are souped together; different inits are never mixed."""
+
+    dataset: str
+    test_env: int
+    trial_seed: int
+    init: str
+
+    @property
+    def slug(self) -> str:
+        return f"{self.dataset}-e{self.test_env}-s{self.trial_seed}-{self.init}"
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A finished target trial handed to the soup."""
+
+    trial_id: str
+    checkpoint: str
+    id_val_acc: float
+    content_hash: str
+    group: GroupKey
+    test_acc: float = math.nan
+
+    @classmethod
+    def from_checkpoint(cls, trial_id: str, checkpoint: str | Path) -> Offer:
+        """The offer of a trial, from its checkpoint's metadata alone."""
+        meta = read_meta(checkpoint)
+        if meta.stage != "target":
+            raise ValueError(
+                f"{checkpoint}: only target trials are souped, this one is stage {meta.stage!r}"
+            )
+        return cls(
+            trial_id=trial_id,
+            checkpoint=str(checkpoint),
+            id_val_acc=float(meta.metrics["id_val_acc"]),
+            content_hash=meta.content_hash,
+            group=GroupKey(meta.dataset, meta.test_env, meta.trial_seed, meta.init["strategy"]),
+            test_acc=float(meta.metrics.get("test_acc", math.nan)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Offer:
+        values = dict(data)
+        values["group"] = GroupKey(**values["group"])
+        return cls(**values)
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate(self.trial_id, self.id_val_acc, self.content_hash)
+
+
+class StaleCheckpoint(RuntimeError):
+    """A trial's checkpoint no longer has the content hash it was offered with."""
+
+    def __init__(self, offer: Offer, found_hash: str) -> None:
+        super().__init__(
+            f"{offer.checkpoint}: content hash changed since trial {offer.trial_id!r} was "
+            f"offered ({offer.content_hash[:12]}... -> {found_hash[:12]}...)"
+        )
+        self.offer = offer
+        self.found_hash = found_hash
+
+
+class StateCache:
+    """Loads checkpoints by (trial id, hash), keeping at most ``max_models`` in memory."""
+
+    def __init__(self, max_models: int = 2) -> None:
+        if max_models < 0:
+            raise ValueError(f"max_models={max_models}: expected >= 0")
+        self.max_models = max_models
+        self._cache: OrderedDict[Item, State] = OrderedDict()
+        self.n_loads = 0
+
+    def load(self, offer: Offer) -> State:
+        item = (offer.trial_id, offer.content_hash)
+        if item in self._cache:
+            self._cache.move_to_end(item)
+            return self._cache[item]
+        state, meta = load_checkpoint(offer.checkpoint)  # verifies the file against its meta
+        self.n_loads += 1
+        if meta.content_hash != offer.content_hash:
+            raise StaleCheckpoint(offer, meta.content_hash)
+        if self.max_models:
+            self._cache[item] = state
+            while len(self._cache) > self.max_models:
+                self._cache.popitem(last=False)
+        return state
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+Scorer = Callable[[Mapping[str, torch.Tensor]], float]
+
+
+class GroupSoup:
+    """Streaming greedy soup, uniform soup and ERM pick of one group.
+
+    ``score`` maps averaged weights to their ID-val accuracy; it is only called for sets
+    missing from ``memo`` (so a restored group with a full memo never touches data).
+    """
+
+    def __init__(
+        self,
+        key: GroupKey,
+        score: Scorer,
+        *,
+        accept: str = "ge",
+        states: StateCache | None = None,
+        memo: Mapping[frozenset[Item], float] | None = None,
+    ) -> None:
+        self.key = key
+        self._score = score
+        self.states = states if states is not None else StateCache()
+        self.offers: dict[str, Offer] = {}
+        self.greedy = StreamingGreedy(self._evaluate, accept=accept, memo=memo)
+        self._prefix: list[Item] = []
+        self._prefix_sum = RunningSoup()
+
+    # ------------------------------------------------------------ offers
+
+    def offer(self, offer: Offer) -> list[Decision]:
+        """Add (or replace) a trial; returns the decisions made or re-made."""
+        if offer.group != self.key:
+            raise ValueError(f"trial {offer.trial_id!r} belongs to {offer.group}, not {self.key}")
+        previous = self.offers.get(offer.trial_id)
+        self.offers[offer.trial_id] = offer
+        try:
+            return self.greedy.add(offer.candidate)
+        except BaseException:
+            if previous is None:
+                del self.offers[offer.trial_id]
+            else:
+                self.offers[offer.trial_id] = previous
+            raise
+
+    @property
+    def memo(self) -> dict[frozenset[Item], float]:
+        return self.greedy.memo
+
+    def ranked(self) -> list[Offer]:
+        return [self.offers[c.trial_id] for c in self.greedy.candidates]
+
+    def erm(self) -> Offer:
+        """The best single trial by ID-val (ties: smaller trial id), as Recipe 1 ranks."""
+        return self.ranked()[0]
+
+    # ------------------------------------------------------------ weights
+
+    def _items(self, offers: list[Offer]) -> list[Item]:
+        return [(o.trial_id, o.content_hash) for o in offers]
+
+    def _sync_prefix(self, wanted: list[Offer]) -> None:
+        """Make the running sum hold exactly ``wanted`` (a rank-ordered list)."""
+        items = self._items(wanted)
+        if self._prefix != items[: len(self._prefix)]:
+            self._prefix, self._prefix_sum = [], RunningSoup()
+        for offer in wanted[len(self._prefix) :]:
+            self._prefix_sum.add(self.states.load(offer))
+            self._prefix.append((offer.trial_id, offer.content_hash))
+
+    def average(self, trial_ids: list[str] | set[str] | frozenset[str]) -> State:
+        """The uniform average of these trials' weights, summed in rank order."""
+        wanted = [o for o in self.ranked() if o.trial_id in trial_ids]
+        if len(wanted) != len(set(trial_ids)):
+            unknown = sorted(set(trial_ids) - {o.trial_id for o in wanted})
+            raise ValueError(f"{self.key.slug}: unknown trials {unknown}")
+        *head, last = wanted
+        self._sync_prefix(head)
+        return self._prefix_sum.average_with(self.states.load(last))
+
+    def _evaluate(self, trial_ids: frozenset[str]) -> float:
+        return self._score(self.average(trial_ids))
+
+    def uniform_average(self) -> State:
+        """Every trial of the group, summed in rank order with one model in memory."""
+        total = RunningSoup()
+        for offer in self.ranked():
+            total.add(self.states.load(offer))
+        return total.average()
+
+    def release(self) -> None:
+        """Drop cached weights (the group is final, or idle)."""
+        self._prefix, self._prefix_sum = [], RunningSoup()
+        self.states.clear()
+
+
+def soup_meta(
+    key: GroupKey, method: str, like: CheckpointMeta, ingredients: list[str], metrics: dict
+) -> CheckpointMeta:
+    """The metadata of a soup checkpoint: what it was made from, in the trials' format."""
+    return CheckpointMeta(
+        dataset=key.dataset,
+        envs=list(like.envs),
+        arch=like.arch,
+        num_classes=like.num_classes,
+        stage="soup",
+        test_env=key.test_env,
+        trial_seed=key.trial_seed,
+        hparams_seed=-1,
+        hparams={k: v for k, v in like.hparams.items() if k == "nonlinear_classifier"},
+        init={
+            "strategy": key.init,
+            "method": method,
+            "sources": list(ingredients),
+            "weights": [1.0 / len(ingredients)] * len(ingredients),
+        },
+        metrics=metrics,
+    )

@@ -1,0 +1,362 @@
+"""Every group's soups of one sweep, persisted so that a restart loses nothing.
+
+``SoupMaker`` is what the soup actor runs (and what ``raysoup soup`` runs post hoc,
+without Ray). Per group (dataset, test env, trial seed, init):
+
+- ``offer`` adds finished trials (idempotent by trial id and content hash), keeps the
+  exact Recipe-1 greedy soup of the trials so far, rewrites the group's ``soup_steps``
+  part and, once every planned trial of the group has arrived, finalizes it.
+- ``finalize`` writes the ``erm``, ``uniform`` and ``greedy`` rows of ``soups`` (one part
+  per method and group) and the uniform and greedy soup checkpoints under
+  ``<root>/soups/<method>/<group>/``; ``erm`` points at the best trial's own checkpoint.
+- State (offers, memoised evaluations, decision times, what was finalized) is written
+  atomically to ``<root>/soup/state.json`` after every change. A restarted maker reads
+  it and rebuilds every group from the memo without a single evaluation, so decisions
+  are neither lost nor duplicated, and results are rewritten under the same part keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysoup.io.atomic import atomic_write_bytes
+from raysoup.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
+from raysoup.results.store import ResultsStore
+from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
+from raysoup.soup.greedy import ACCEPT, Decision, rank_key
+from raysoup.soup.group import GroupKey, GroupSoup, Item, Offer, StaleCheckpoint, soup_meta
+
+METHODS = ("erm", "uniform", "greedy")
+STATE_DIR = "soup"
+STATE_FILE = "state.json"
+SOUPS_DIR = "soups"
+STATE_VERSION = 1
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def _signature(accept: str, method: str, items: Sequence[Item]) -> str:
+    text = json.dumps([method, accept, sorted(items)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class SoupMaker:
+    """The soups of one sweep; ``expected`` lists each group's planned trial ids."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        sweep: str,
+        *,
+        accept: str = "ge",
+        expected: Mapping[GroupKey, Iterable[str]] | None = None,
+        data_dir: str | Path | None = None,
+        holdout_fraction: float = 0.2,
+        device: str = "auto",
+        max_models: int = 2,
+        methods: Sequence[str] = METHODS,
+        persist: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if accept not in ACCEPT:
+            raise ValueError(f"accept={accept!r}: expected one of {ACCEPT}")
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown or not methods:
+            raise ValueError(f"methods={list(methods)}: expected a subset of {METHODS}")
+        if max_models < 0:
+            raise ValueError(f"max_models={max_models}: expected >= 0")
+        self.root = Path(root)
+        self.sweep = sweep
+        self.accept = accept
+        self.expected = {key: set(ids) for key, ids in (expected or {}).items()}
+        self.data_dir = data_dir
+        self.holdout_fraction = holdout_fraction
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+        self.max_models = max_models
+        self.methods = tuple(m for m in METHODS if m in methods)
+        self.persist = persist
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.store = ResultsStore(self.root / "results")
+        self.groups: dict[GroupKey, GroupSoup] = {}
+        self._decided_at: dict[GroupKey, dict[str, list[Any]]] = {}
+        self._final: dict[GroupKey, dict[str, str]] = {}
+        self._data: dict[DataKey, GroupData] = {}
+        self._evaluators: dict[GroupKey, SoupEvaluator] = {}
+        self.n_evaluations = 0
+        if persist:
+            self._restore()
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / STATE_DIR / STATE_FILE
+
+    def _save(self) -> None:
+        if not self.persist:
+            return
+        groups = []
+        for key, group in sorted(self.groups.items()):
+            groups.append(
+                {
+                    "key": asdict(key),
+                    "offers": [o.to_dict() for o in group.offers.values()],
+                    "memo": [[sorted(items), acc] for items, acc in group.memo.items()],
+                    "decided_at": self._decided_at.get(key, {}),
+                    "final": self._final.get(key, {}),
+                }
+            )
+        state = {"version": STATE_VERSION, "sweep": self.sweep, "accept": self.accept}
+        state["groups"] = groups
+        atomic_write_bytes(self.state_path, json.dumps(state, indent=1).encode())
+
+    def _restore(self) -> None:
+        if not self.state_path.is_file():
+            return
+        state = json.loads(self.state_path.read_text())
+        if state.get("accept") != self.accept:
+            raise ValueError(
+                f"{self.state_path}: soups were built with accept={state.get('accept')!r}, "
+                f"not {self.accept!r}; use the sweep's setting"
+            )
+        for record in state["groups"]:
+            key = GroupKey(**record["key"])
+            memo = {frozenset(tuple(i) for i in items): acc for items, acc in record["memo"]}
+            group = self._new_group(key, memo)
+            # In rank order each trial is decided once, against the soup above it: exactly
+            # the sets the final decisions were made on, all memoised, so no evaluation.
+            offers = sorted(
+                (Offer.from_dict(data) for data in record["offers"]),
+                key=lambda o: rank_key(o.candidate),
+            )
+            for offer in offers:
+                group.offer(offer)
+            self._decided_at[key] = record["decided_at"]
+            self._final[key] = record["final"]
+        restored = sum(len(g.offers) for g in self.groups.values())
+        self.log(f"raysoup soup: restored {restored} trials in {len(self.groups)} groups")
+        for key in self.groups:
+            self._write_steps(key)
+
+    # ------------------------------------------------------------ evaluation
+
+    def _data_for(self, key: GroupKey) -> GroupData:
+        data_key = DataKey(key.dataset, key.test_env, key.trial_seed)
+        if data_key not in self._data:
+            self._data[data_key] = GroupData(data_key, self.data_dir, self.holdout_fraction)
+        return self._data[data_key]
+
+    def evaluator(self, key: GroupKey) -> SoupEvaluator:
+        if key not in self._evaluators:
+            first = self.groups[key].ranked()[0]
+            meta = read_meta(first.checkpoint)
+            self._evaluators[key] = SoupEvaluator(self._data_for(key), meta, self.device)
+        return self._evaluators[key]
+
+    def _new_group(self, key: GroupKey, memo: Mapping[frozenset[Item], float] | None) -> GroupSoup:
+        def score(state: Mapping[str, torch.Tensor]) -> float:
+            self.n_evaluations += 1
+            return self.evaluator(key).id_val_acc(state)
+
+        group = GroupSoup(key, score, accept=self.accept, memo=memo)
+        group.states.max_models = self.max_models
+        self.groups[key] = group
+        return group
+
+    # ------------------------------------------------------------ offers
+
+    def offer(self, offers: Iterable[Offer | Mapping[str, Any]]) -> list[GroupKey]:
+        """Add finished trials; returns the groups that changed."""
+        changed: list[GroupKey] = []
+        for item in offers:
+            offer = item if isinstance(item, Offer) else Offer.from_dict(item)
+            group = self.groups.get(offer.group) or self._new_group(offer.group, None)
+            if group.offers.get(offer.trial_id) == offer:
+                continue  # already souped: an idempotent re-delivery
+            decisions = self._offer_consistently(group, offer)
+            stamp = _now()
+            at = self._decided_at.setdefault(offer.group, {})
+            for d in decisions:
+                at[d.trial_id] = [d.accepted, d.soup_size, d.soup_id_val_acc, stamp]
+            if offer.group not in changed:
+                changed.append(offer.group)
+        if changed:
+            self._save()
+        for key in changed:
+            self._write_steps(key)
+            self._status(key)
+            if self._complete(key):
+                self.finalize(key)
+        return changed
+
+    def _offer_consistently(self, group: GroupSoup, offer: Offer) -> list[Decision]:
+        """``group.offer``, re-reading any checkpoint found replaced since it was offered."""
+        decisions: list[Decision] = []
+        for _ in range(len(group.offers) + 3):
+            try:
+                return decisions + group.offer(offer)
+            except StaleCheckpoint as stale:
+                fresh = Offer.from_checkpoint(stale.offer.trial_id, stale.offer.checkpoint)
+                self.log(f"raysoup soup: {stale}; re-offering the new version")
+                if stale.offer.trial_id == offer.trial_id:
+                    offer = fresh
+                else:
+                    decisions += self._offer_consistently(group, fresh)
+        raise RuntimeError(f"checkpoints of {group.key.slug} keep changing; is a trial running?")
+
+    def refresh(self, key: GroupKey) -> None:
+        """Re-offer every trial whose checkpoint's content hash changed since its offer."""
+        group = self.groups[key]
+        stale = [
+            o
+            for o in list(group.offers.values())
+            if is_checkpoint(o.checkpoint)
+            and read_meta(o.checkpoint).content_hash != o.content_hash
+        ]
+        if stale:
+            self.log(f"raysoup soup: {key.slug}: {len(stale)} checkpoint(s) changed; re-souping")
+            self.offer([Offer.from_checkpoint(o.trial_id, o.checkpoint) for o in stale])
+
+    def _complete(self, key: GroupKey) -> bool:
+        expected = self.expected.get(key)
+        return bool(expected) and expected <= set(self.groups[key].offers)
+
+    # ------------------------------------------------------------ outputs
+
+    def steps_rows(self, key: GroupKey) -> list[dict[str, Any]]:
+        group = self.groups[key]
+        at = self._decided_at.get(key, {})
+        rows = []
+        for d in group.greedy.decisions:
+            stamp = at.get(d.trial_id, [None] * 4)[3] or _now()
+            rows.append(
+                {
+                    "sweep": self.sweep,
+                    "method": "greedy",
+                    "trial_id": d.trial_id,
+                    "rank": d.rank,
+                    "candidate_id_val_acc": d.candidate_id_val_acc,
+                    "accepted": d.accepted,
+                    "soup_size": d.soup_size,
+                    "soup_id_val_acc": d.soup_id_val_acc,
+                    "decided_at": stamp,
+                    **asdict(key),
+                    "accept": self.accept,
+                }
+            )
+        return rows
+
+    def _write_steps(self, key: GroupKey) -> None:
+        if "greedy" in self.methods:
+            self.store.append("soup_steps", self.steps_rows(key), part_key=f"greedy-{key.slug}")
+
+    def _status(self, key: GroupKey) -> None:
+        group = self.groups[key]
+        expected = len(self.expected.get(key, ())) or "?"
+        self.log(
+            f"raysoup soup: {key.slug}: {len(group.offers)}/{expected} trials, greedy "
+            f"{len(group.greedy.ingredients)} ingredient(s), id_val "
+            f"{group.greedy.soup_id_val_acc:.4f} ({group.greedy.n_evaluations} evaluations, "
+            f"{group.greedy.memo_hits} memo hits, {group.states.n_loads} loads)"
+        )
+
+    def soup_dir(self, method: str, key: GroupKey) -> Path:
+        return self.root / SOUPS_DIR / method / key.slug
+
+    def finalize(self, key: GroupKey) -> list[dict[str, Any]]:
+        """Write this group's soups (rows and checkpoints) unless already written as is."""
+        self.refresh(key)
+        group = self.groups[key]
+        rows = []
+        for method in self.methods:
+            ingredients = self._ingredients(group, method)
+            items = [(t, group.offers[t].content_hash) for t in ingredients]
+            signature = _signature(self.accept, method, items)
+            done = self._final.setdefault(key, {}).get(method) == signature
+            if done and self.store.has_part("soups", f"{method}-{key.slug}"):
+                continue
+            row = self._make(group, method, ingredients)
+            self.store.append("soups", [row], part_key=f"{method}-{key.slug}")
+            self._final[key][method] = signature
+            self._save()
+            rows.append(row)
+            self.log(
+                f"raysoup soup: {key.slug}: {method} soup of {len(ingredients)}: id_val "
+                f"{row['id_val_acc']:.4f}, test {row['test_acc']:.4f}"
+            )
+        group.release()
+        return rows
+
+    def finalize_all(self) -> list[dict[str, Any]]:
+        """Finalize every group that has trials (also incomplete ones)."""
+        return [row for key in sorted(self.groups) for row in self.finalize(key)]
+
+    def _ingredients(self, group: GroupSoup, method: str) -> list[str]:
+        if method == "erm":
+            return [group.erm().trial_id]
+        if method == "greedy":
+            return group.greedy.ingredients
+        return [o.trial_id for o in group.ranked()]
+
+    def _make(self, group: GroupSoup, method: str, ingredients: list[str]) -> dict[str, Any]:
+        key = group.key
+        if method == "erm":
+            best = group.erm()
+            id_val, test, checkpoint = best.id_val_acc, best.test_acc, best.checkpoint
+            if math.isnan(test):
+                test = self.evaluator(key).test_acc(group.states.load(best))
+        else:
+            if method == "greedy":
+                state = group.average(ingredients)
+                id_val = group.greedy.soup_id_val_acc
+            else:
+                state = group.uniform_average()
+                id_val = self.evaluator(key).id_val_acc(state)
+                self.n_evaluations += 1
+            test = self.evaluator(key).test_acc(state)
+            like = read_meta(group.erm().checkpoint)
+            metrics = {"id_val_acc": id_val, "test_acc": test}
+            meta = soup_meta(key, method, like, ingredients, metrics)
+            checkpoint = str(self.soup_dir(method, key))
+            save_checkpoint(checkpoint, state, meta)
+        return {
+            "sweep": self.sweep,
+            "method": method,
+            **asdict(key),
+            "n_ingredients": len(ingredients),
+            "ingredients": list(ingredients),
+            "id_val_acc": float(id_val),
+            "test_acc": float(test),
+            "checkpoint": checkpoint,
+            "accept": self.accept,
+        }
+
+    # ------------------------------------------------------------ views
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One line per group: trials, greedy size and accuracy, what is final."""
+        return [
+            {
+                "group": key.slug,
+                "trials": len(group.offers),
+                "expected": len(self.expected.get(key, ())),
+                "greedy": group.greedy.ingredients,
+                "greedy_id_val_acc": group.greedy.soup_id_val_acc,
+                "final": sorted(self._final.get(key, {})),
+            }
+            for key, group in sorted(self.groups.items())
+        ]
