@@ -18,38 +18,15 @@ from raysoup.soup import batch_greedy, rank_key
 from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
 from raysoup.soup.group import GroupKey, Offer
 from raysoup.soup.maker import SoupMaker
-from raysoup.training.trainer import RunSpec, train_run
 
 TARGET = "MiniRotatedMNIST"
 KEY = GroupKey(TARGET, 5, 0, "pretrained")
 N_TRIALS = 6
 
 
-def _train(out: Path, hparams_seed: int, base: Path, steps: int = 30) -> None:
-    spec = RunSpec(
-        dataset=TARGET,
-        out=out,
-        test_env=5,
-        hparams_seed=hparams_seed,
-        steps=steps,
-        checkpoint_freq=steps,
-        hparams={"lp_steps": 0},
-        pretrained=base,
-        device="cpu",
-    )
-    train_run(spec)
-
-
-@pytest.fixture(scope="module")
-def trials(tmp_path_factory: pytest.TempPathFactory, base_checkpoint: Path) -> list[Offer]:
-    """Six short real target trials of one group (different hparams seeds)."""
-    root = tmp_path_factory.mktemp("trials")
-    offers = []
-    for h in range(N_TRIALS):
-        path = root / f"target-h{h}"
-        _train(path, h, base_checkpoint)
-        offers.append(Offer.from_checkpoint(f"target-h{h}", path))
-    return offers
+@pytest.fixture
+def trials(soup_trials: list[Offer]) -> list[Offer]:
+    return soup_trials
 
 
 def _maker(root: Path, trials: list[Offer], **options) -> SoupMaker:
@@ -170,7 +147,7 @@ def test_restart_restores_without_evaluating_and_ends_identical(trials, tmp_path
 
 
 def test_a_replaced_checkpoint_is_noticed_by_its_content_hash(
-    trials, tmp_path, base_checkpoint
+    trials, tmp_path, base_checkpoint, train_target
 ) -> None:
     copies = []
     for offer in trials[:4]:
@@ -180,7 +157,7 @@ def test_a_replaced_checkpoint_is_noticed_by_its_content_hash(
     maker = _maker(tmp_path / "run", copies)
     maker.offer(copies[:3])
     # trial 0 is re-run after a crash (other weights, same place); nobody re-offers it
-    _train(Path(copies[0].checkpoint), 0, base_checkpoint, steps=31)
+    train_target(Path(copies[0].checkpoint), 0, base_checkpoint, steps=31)
     maker.offer(copies[3:])  # completes the group: finalize re-reads every hash
     group = maker.groups[KEY]
     new_hash = read_meta(copies[0].checkpoint).content_hash

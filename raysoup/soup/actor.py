@@ -11,6 +11,7 @@ target trial becomes one fire-and-forget ``offer.remote``.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 from collections.abc import Mapping
@@ -56,6 +57,10 @@ class SoupActor:
 
     def summary(self) -> list[dict[str, Any]]:
         return self.maker.summary()
+
+    def pid(self) -> int:
+        """The actor's process id (a restart gives a new one)."""
+        return os.getpid()
 
     def peak_rss_mb(self) -> float:
         """Peak resident memory of this actor's process (Linux: ``ru_maxrss`` in KiB)."""

@@ -1,0 +1,74 @@
+"""The soup actor on a real local Ray instance: killed mid-stream, it restarts and ends
+with the same soups as an undisturbed actor, without duplicate rows."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import ray
+
+from raysoup.results import load_results
+from raysoup.soup.actor import NAMESPACE, actor_name, start_soup_actor
+from raysoup.soup.group import GroupKey
+
+pytestmark = pytest.mark.slow
+
+KEY = GroupKey("MiniRotatedMNIST", 5, 0, "pretrained")
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+    )
+    yield
+    ray.shutdown()
+
+
+def _start(root, sweep, trials):
+    expected = {KEY: [o.trial_id for o in trials]}
+    return start_soup_actor(root, sweep, expected, device="cpu", max_models=1)
+
+
+def test_killed_actor_restarts_and_ends_with_identical_soups(
+    local_ray, soup_trials, tmp_path
+) -> None:
+    calm = _start(tmp_path / "calm", "calm", soup_trials)
+    for offer in soup_trials:
+        calm.offer.remote([offer.to_dict()])
+    assert ray.get(calm.finalize.remote()) == []  # the last offer already finalized it
+    assert ray.get_actor(actor_name("calm"), namespace=NAMESPACE)
+
+    actor = _start(tmp_path / "killed", "killed", soup_trials)
+    ray.get(actor.offer.remote([o.to_dict() for o in soup_trials[:2]]))
+    pid = ray.get(actor.pid.remote())
+    actor.offer.remote([soup_trials[2].to_dict()])  # maybe in flight when killed: retried
+    ray.kill(actor, no_restart=False)
+    for offer in soup_trials[2:]:
+        actor.offer.remote([offer.to_dict()])  # queued while it restarts
+    ray.get(actor.finalize.remote())
+    new_pid = ray.get(actor.pid.remote())
+    assert new_pid != pid, "the actor was not restarted"
+    summary = ray.get(actor.summary.remote())
+    assert summary[0]["trials"] == len(soup_trials)
+    assert summary[0]["final"] == ["erm", "greedy", "uniform"]
+
+    a, b = load_results(tmp_path / "calm"), load_results(tmp_path / "killed")
+    columns = ["method", "init", "n_ingredients", "id_val_acc", "test_acc"]
+    soups_a = a["soups"].sort_values("method").reset_index(drop=True)
+    soups_b = b["soups"].sort_values("method").reset_index(drop=True)
+    pd.testing.assert_frame_equal(soups_a[columns], soups_b[columns])
+    assert [list(x) for x in soups_a.ingredients] == [list(x) for x in soups_b.ingredients]
+    assert not b["soup_steps"].duplicated(subset=["method", "trial_id"]).any()
+    assert not b["soups"].duplicated(subset=["method", "init"]).any()
+    assert len(b["soup_steps"]) == len(soup_trials)
+    steps = ["trial_id", "rank", "accepted", "soup_size", "soup_id_val_acc"]
+    pd.testing.assert_frame_equal(
+        a["soup_steps"].sort_values("rank")[steps].reset_index(drop=True),
+        b["soup_steps"].sort_values("rank")[steps].reset_index(drop=True),
+    )
+    peak = ray.get(actor.peak_rss_mb.remote())
+    assert 0 < peak < 4096
