@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 import ray
 
+from raysoup.cli import main
+from raysoup.io.checkpoint import is_checkpoint
 from raysoup.options import OptionsError
 from raysoup.results import load_results
 from raysoup.sweep.config import load_config
@@ -44,5 +46,31 @@ def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> No
     again = load_results(root)["trials"]
     assert len(again) == len(trials)
     assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+    # the soup actor souped every group while the sweep ran
+    results = load_results(root)
+    soups, steps = results["soups"], results["soup_steps"]
+    inits = ("pretrained", "ratatouille", "fusing")
+    assert sorted(zip(soups.method, soups.init, strict=True)) == sorted(
+        (m, i) for m in ("erm", "uniform", "greedy") for i in inits
+    )
+    assert (soups[soups.method == "uniform"].n_ingredients == 2).all()
+    assert soups.test_acc.between(0, 1).all() and soups.id_val_acc.between(0, 1).all()
+    for row in soups.itertuples():
+        assert is_checkpoint(row.checkpoint), row.checkpoint
+    erm = soups[soups.method == "erm"].set_index("init")
+    best = target.sort_values("id_val_acc", ascending=False).groupby("init").head(1)
+    assert erm.loc[best.init, "id_val_acc"].tolist() == best.id_val_acc.tolist()
+    assert len(steps) == len(target) and not steps.duplicated(["trial_id"]).any()
+    assert len(pd.read_parquet(root / "results" / "soups")) == len(soups)
+    # post-hoc: the same soups again from the checkpoints, then with ">" acceptance
+    before = soups.sort_values(["method", "init"]).reset_index(drop=True)
+    assert main(["soup", str(root)]) == 0
+    after = load_results(root)["soups"].sort_values(["method", "init"]).reset_index(drop=True)
+    columns = ["method", "init", "n_ingredients", "id_val_acc", "test_acc"]
+    pd.testing.assert_frame_equal(before[columns], after[columns])
+    assert main(["soup", str(root), "--method", "greedy", "--accept", "gt"]) == 0
+    gt = load_results(root)["soups"]
+    assert len(gt) == len(soups) and set(gt[gt.method == "greedy"].accept) == {"gt"}
+    assert main(["soup", str(tmp_path / "nowhere")]) == 2
     with pytest.raises(OptionsError, match="different config"):
         run_sweep(load_config(None, steps=41, aux_steps=20, lp_stage_steps=20), tmp_path)
