@@ -42,9 +42,28 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from raysoup.results import load_results, sweep_table
+    from pathlib import Path
 
-    print(sweep_table(load_results(args.path), dataset=args.dataset, fmt=args.format))
+    from raysoup.results import (
+        best_single_table,
+        load_results,
+        paper_table,
+        plot_method_bars,
+        plot_soup_progress,
+        sweep_table,
+    )
+
+    results = load_results(args.path)
+    print(sweep_table(results, dataset=args.dataset, fmt=args.format))
+    if args.plot is not None:
+        folder = Path(args.plot)
+        folder.mkdir(parents=True, exist_ok=True)
+        soups = results["soups"]
+        if soups.empty:
+            soups = best_single_table(results["trials"])
+        plot_method_bars(paper_table(soups, dataset=args.dataset), folder / "methods.png")
+        plot_soup_progress(results["soup_steps"], folder / "soup_progress.png")
+        print(f"plots: {folder / 'methods.png'}, {folder / 'soup_progress.png'}", file=sys.stderr)
     return 0
 
 
@@ -94,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("path", help="<storage>/<name> or its results/ folder")
     results.add_argument("--dataset", default=None, help="when several datasets are present")
     results.add_argument("--format", default="text", choices=["text", "markdown", "csv", "latex"])
+    results.add_argument(
+        "--plot", default=None, metavar="DIR", help="also draw methods.png, soup_progress.png"
+    )
     results.set_defaults(handler=_results)
 
     soup = commands.add_parser(

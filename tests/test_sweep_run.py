@@ -72,5 +72,8 @@ def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> No
     gt = load_results(root)["soups"]
     assert len(gt) == len(soups) and set(gt[gt.method == "greedy"].accept) == {"gt"}
     assert main(["soup", str(tmp_path / "nowhere")]) == 2
+    assert main(["results", str(root), "--format", "markdown", "--plot", str(tmp_path)]) == 0
+    assert (tmp_path / "methods.png").stat().st_size > 0
+    assert (tmp_path / "soup_progress.png").stat().st_size > 0
     with pytest.raises(OptionsError, match="different config"):
         run_sweep(load_config(None, steps=41, aux_steps=20, lp_stage_steps=20), tmp_path)
