@@ -40,7 +40,7 @@ def test_killed_actor_restarts_and_ends_with_identical_soups(
     for offer in soup_trials:
         calm.offer.remote([offer.to_dict()])
     assert ray.get(calm.finalize.remote()) == []  # the last offer already finalized it
-    assert ray.get_actor(actor_name("calm"), namespace=NAMESPACE)
+    assert ray.get_actor(actor_name("calm", tmp_path / "calm"), namespace=NAMESPACE)
 
     actor = _start(tmp_path / "killed", "killed", soup_trials)
     ray.get(actor.offer.remote([o.to_dict() for o in soup_trials[:2]]))

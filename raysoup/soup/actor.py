@@ -10,6 +10,7 @@ target trial becomes one fire-and-forget ``offer.remote``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import resource
@@ -31,8 +32,11 @@ OFFER_FIELDS = ("checkpoint", "id_val_acc", "content_hash", "test_acc")
 GROUP_FIELDS = ("dataset", "test_env", "trial_seed", "init")
 
 
-def actor_name(sweep: str) -> str:
-    return f"soup:{sweep}"
+def actor_name(sweep: str, root: str | Path) -> str:
+    """Unique per sweep *folder*: two sweeps of one name under different storages (in one
+    Ray cluster) must not share an actor."""
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:10]
+    return f"soup:{sweep}:{digest}"
 
 
 class SoupActor:
@@ -78,7 +82,7 @@ def start_soup_actor(
 ) -> ray.actor.ActorHandle:
     """The sweep's soup actor: the running one, or a new one that restores the state."""
     remote = ray.remote(SoupActor).options(
-        name=actor_name(sweep),
+        name=actor_name(sweep, root),
         namespace=NAMESPACE,
         get_if_exists=True,
         max_restarts=-1,
@@ -104,23 +108,23 @@ class SoupFeeder(tune.Callback):
     """Hands every completed target trial to the soup actor, without waiting for it.
 
     Tune pickles its callbacks into the experiment state and ``Tuner.restore`` brings them
-    back, so the feeder holds the sweep's name, not an actor handle: after a driver restart
-    it finds the new actor by name.
+    back, so the feeder holds the actor's name, not a handle: after a driver restart it
+    finds the new actor by name.
     """
 
-    def __init__(self, sweep: str) -> None:
-        self.sweep = sweep
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.sent = 0
         self._actor: ray.actor.ActorHandle | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"sweep": self.sweep, "sent": 0, "_actor": None}
+        return {"name": self.name, "sent": 0, "_actor": None}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         offer = offer_from_result(trial.last_result or {})
         if offer is None:
             return
         if self._actor is None:
-            self._actor = ray.get_actor(actor_name(self.sweep), namespace=NAMESPACE)
+            self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
         self._actor.offer.remote([offer])  # fire-and-forget: the driver never blocks
         self.sent += 1

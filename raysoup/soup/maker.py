@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from raysoup.io.atomic import atomic_write_bytes
-from raysoup.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
+from raysoup.io.checkpoint import CheckpointError, is_checkpoint, read_meta, save_checkpoint
 from raysoup.results.store import ResultsStore
 from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
 from raysoup.soup.greedy import ACCEPT, Decision, rank_key
@@ -97,6 +97,7 @@ class SoupMaker:
         self._data: dict[DataKey, GroupData] = {}
         self._evaluators: dict[GroupKey, SoupEvaluator] = {}
         self.n_evaluations = 0
+        self.failed: dict[str, str] = {}  # trial id -> why it could not be souped
         if persist:
             self._restore()
 
@@ -187,7 +188,13 @@ class SoupMaker:
             group = self.groups.get(offer.group) or self._new_group(offer.group, None)
             if group.offers.get(offer.trial_id) == offer:
                 continue  # already souped: an idempotent re-delivery
-            decisions = self._offer_consistently(group, offer)
+            try:
+                decisions = self._offer_consistently(group, offer)
+            except (CheckpointError, OSError) as error:  # one bad trial must not stop the rest
+                self.failed[offer.trial_id] = str(error)
+                self.log(f"raysoup soup: could not soup trial {offer.trial_id!r}: {error}")
+                continue
+            self.failed.pop(offer.trial_id, None)
             stamp = _now()
             at = self._decided_at.setdefault(offer.group, {})
             for d in decisions:
@@ -302,7 +309,14 @@ class SoupMaker:
         return rows
 
     def finalize_all(self) -> list[dict[str, Any]]:
-        """Finalize every group that has trials (also incomplete ones)."""
+        """Finalize every group that has trials (an incomplete one is said so)."""
+        for key in sorted(self.groups):
+            missing = sorted(self.expected.get(key, set()) - set(self.groups[key].offers))
+            if missing:
+                self.log(
+                    f"raysoup soup: {key.slug}: soups of {len(self.groups[key].offers)} trials; "
+                    f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                )
         return [row for key in sorted(self.groups) for row in self.finalize(key)]
 
     def _ingredients(self, group: GroupSoup, method: str) -> list[str]:

@@ -22,7 +22,7 @@ from ray.actor import ActorHandle
 from raysoup.io.atomic import atomic_write_bytes
 from raysoup.io.checkpoint import is_checkpoint
 from raysoup.options import OptionsError, from_mapping
-from raysoup.soup.actor import SoupFeeder, start_soup_actor
+from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
 from raysoup.soup.group import GroupKey, Offer
 from raysoup.soup.maker import METHODS, SoupMaker
 from raysoup.sweep.config import SweepConfig
@@ -126,7 +126,7 @@ def run_sweep(config: SweepConfig, storage: str | Path) -> Path:
             run_stage(stage, runs, root, config)
             continue
         soup = start_soup(root, config, runs)
-        run_stage(stage, runs, root, config, callbacks=[SoupFeeder(config.name)])
+        run_stage(stage, runs, root, config, callbacks=[SoupFeeder(actor_name(config.name, root))])
         hand_over(soup, runs)  # idempotent: whatever the actor already has is skipped
         for row in ray.get(soup.finalize.remote()):
             print(
