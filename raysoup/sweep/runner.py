@@ -135,6 +135,13 @@ def run_sweep(config: SweepConfig, storage: str | Path) -> Path:
                 f"test {row['test_acc']:.4f}",
                 file=sys.stderr,
             )
+        for group in ray.get(soup.summary.remote()):
+            if group["trials"] < group["expected"]:
+                print(
+                    f"raysoup: warning: soups of {group['group']} use {group['trials']} of "
+                    f"{group['expected']} trials (see the soup actor's log)",
+                    file=sys.stderr,
+                )
     return root
 
 
