@@ -2,7 +2,7 @@
 
 Locally:        python experiments/quickstart.py --storage runs
 On a cluster:   ray submit cluster.yaml experiments/quickstart.py -- --address auto \
-                    --storage /mnt/shared/runs
+                    --storage s3://my-bucket/runs      (or a shared mount: /mnt/shared/runs)
 Same command again: resumes the interrupted sweep.
 """
 
@@ -21,7 +21,9 @@ from raysoup.sweep.runner import run_sweep
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=None, help="sweep config YAML")
-    parser.add_argument("--storage", default="runs", help="shared path every node sees")
+    parser.add_argument(
+        "--storage", default="runs", help="shared path every node sees, or s3://bucket/runs"
+    )
     parser.add_argument("--name", default=None, help="experiment name")
     parser.add_argument(
         "--address", default=None, help="'auto' to attach to the running cluster (ray submit)"

@@ -30,14 +30,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from raysoup.io.storage import join
     from raysoup.results import load_results, sweep_table
     from raysoup.sweep.config import load_config
-    from raysoup.sweep.runner import run_sweep
+    from raysoup.sweep.runner import RESULTS, run_sweep
 
     config = load_config(args.config, name=args.name)  # validated before Ray starts
     root = run_sweep(config, args.storage)
     print(sweep_table(load_results(root), dataset=config.dataset))
-    print(f"results: {root / 'results'}")
+    print(f"results: {join(root, RESULTS)}")
     return 0
 
 
@@ -105,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         "With no CONFIG, the built-in quickstart runs locally, offline, on CPU.",
     )
     run.add_argument("config", nargs="?", default=None, help="sweep config YAML")
-    run.add_argument("--storage", default="runs", help="local path (default: ./runs)")
+    run.add_argument(
+        "--storage",
+        default="runs",
+        help="local path (default: ./runs) or pyarrow URI, e.g. s3://bucket/runs",
+    )
     run.add_argument("--name", default=None, help="experiment name (default: the config's)")
     run.set_defaults(handler=_run)
 

@@ -38,11 +38,22 @@ def option(
     return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
+# A field annotated ``Path | str`` is a *location*: a local path, or a URI such as
+# ``s3://bucket/runs`` (see ``raysoup.io.storage``), which stays a string because ``Path``
+# would collapse its ``//``.
+LOCATION = Path | str
+URI_MARK = "://"
+
+
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        members = typing.get_args(tp)
+        args = [a for a in members if a is not type(None)]
+        optional = len(args) < len(members)
         if len(args) == 1:
-            return args[0], True
+            return args[0], optional
+        if set(args) == {Path, str}:
+            return LOCATION, optional
     return tp, False
 
 
@@ -58,6 +69,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (str, Path)):
             raise OptionsError(f"option {name!r}={value!r}: expected a path")
         return Path(value)
+    if base is LOCATION:
+        if not isinstance(value, (str, Path)):
+            raise OptionsError(f"option {name!r}={value!r}: expected a path or a URI")
+        return value if isinstance(value, str) and URI_MARK in value else Path(value)
     if base is bool:
         if not isinstance(value, bool):
             raise OptionsError(f"option {name!r}={value!r}: expected true or false")

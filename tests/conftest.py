@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,49 @@ def soup_trials(tmp_path_factory: pytest.TempPathFactory, base_checkpoint: Path)
 def train_target() -> Callable[..., None]:
     """``train_target(out, hparams_seed, base, steps=30)``: one short real target trial."""
     return _train_target
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 protocol endpoint on 127.0.0.1 (moto's server), for one test module.
+
+    The environment points every S3 client at it (``AWS_ENDPOINT_URL``, dummy
+    credentials): pyarrow, hence raysoup and Ray Tune, in this process and in the Ray
+    workers a local ``ray.init`` starts afterwards (they inherit the environment).
+    Create buckets with the ``s3_bucket`` fixture.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_REGION", "us-east-1")
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+def make_bucket(name: str) -> str:
+    """Create bucket ``name`` on the current endpoint; returns ``s3://name``."""
+    import pyarrow.fs as pafs
+
+    # FileSystem.from_uri honours AWS_ENDPOINT_URL (the S3FileSystem constructor does not).
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")
+    fs.create_dir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket on the moto endpoint, as ``s3://<bucket>``."""
+    return make_bucket(f"raysoup-{uuid.uuid4().hex[:16]}")

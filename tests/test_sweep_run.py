@@ -1,13 +1,17 @@
-"""The sweep on a real local Ray instance (reduced sizes)."""
+"""The sweep on a real local Ray instance (reduced sizes), on local and S3 storage."""
 
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 import ray
+from ray import tune
 
 from raysoup.cli import main
-from raysoup.io.checkpoint import is_checkpoint
+from raysoup.data.builtin import BUILTIN_AUXILIARY
+from raysoup.io import storage
+from raysoup.io.checkpoint import is_checkpoint, load_checkpoint
 from raysoup.options import OptionsError
 from raysoup.results import load_results
 from raysoup.sweep.config import load_config
@@ -17,15 +21,21 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-    )
-    yield
-    ray.shutdown()
+def local_ray(s3_endpoint, tmp_path_factory):
+    """One local Ray for the module, started once the S3 endpoint's environment is set
+    (its workers inherit it), with its own raysoup cache."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAYSOUP_CACHE", str(tmp_path_factory.mktemp("raysoup-cache")))
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        )
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> None:
@@ -77,3 +87,64 @@ def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> No
     assert (tmp_path / "soup_progress.png").stat().st_size > 0
     with pytest.raises(OptionsError, match="different config"):
         run_sweep(load_config(None, steps=41, aux_steps=20, lp_stage_steps=20), tmp_path)
+
+
+def _files(location: storage.Location) -> dict[str, object]:
+    """Every file under ``location`` (relative path -> modification time)."""
+    fs, path = storage.filesystem(location)
+    selector = pafs.FileSelector(path, recursive=True)
+    return {
+        info.path[len(path) + 1 :]: info.mtime
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File
+    }
+
+
+def test_sweep_on_s3_then_resume(local_ray, s3_bucket, capfd) -> None:
+    aux = BUILTIN_AUXILIARY[0]
+    config = load_config(
+        None,
+        name="s3sweep",
+        steps=20,
+        aux_steps=20,
+        lp_stage_steps=20,
+        checkpoint_freq=20,
+        n_hparams=1,
+        inits=["pretrained", "fusing"],  # fusing fetches the aux run from the bucket
+        aux_datasets=[aux],
+    )
+    root = run_sweep(config, storage=f"{s3_bucket}/runs")
+    assert root == f"{s3_bucket}/runs/s3sweep"
+    trials = load_results(root)["trials"]
+    assert trials.trial_id.is_unique
+    assert trials.groupby("stage").size().to_dict() == {"aux": 1, "base": 1, "lp": 1, "target": 2}
+    assert trials.checkpoint.str.startswith(f"{root}/checkpoints/").all()
+    assert sorted(storage.find_checkpoints(f"{root}/checkpoints")) == sorted(trials.checkpoint)
+    fusing = trials[trials.init == "fusing"].iloc[0]
+    assert list(fusing.init_sources) == ["pretrained", f"{root}/checkpoints/aux/aux-{aux}-h0"]
+    _, meta = load_checkpoint(storage.local_checkpoint(fusing.checkpoint))
+    assert meta.content_hash == fusing.content_hash
+    assert meta.init["pretrained_from"] == f"{root}/checkpoints/base/base"
+    files = _files(root)
+    assert "sweep.json" in files
+    temporary = [f for f in files if any(part.startswith(".") for part in f.split("/"))]
+    assert [f for f in temporary if not f.startswith("tune/")] == []
+    fs, tune_path = storage.filesystem(f"{root}/tune")
+    assert tune.Tuner.can_restore(f"{tune_path}/target", storage_filesystem=fs)
+    soups = load_results(root)["soups"]  # the soup actor read and wrote the bucket too
+    assert sorted(soups.method) == sorted(["erm", "uniform", "greedy"] * 2)
+    for method in ("uniform", "greedy"):
+        assert f"soups/{method}/MiniRotatedMNIST-e5-s0-fusing/raysoup.json" in files
+    assert "soup/state.json" in files
+    for checkpoint in soups.checkpoint:
+        assert storage.is_checkpoint(checkpoint) and checkpoint.startswith(root)
+    capfd.readouterr()
+
+    assert run_sweep(config, storage=f"{s3_bucket}/runs/") == root  # resume: nothing to do
+    err = capfd.readouterr().err
+    for stage, n in [("base", 1), ("lp", 1), ("aux", 1), ("target", 2)]:
+        assert f"stage {stage}: all {n} runs done, skipped" in err
+    again = load_results(root)["trials"]
+    assert len(again) == len(trials) and again.trial_id.is_unique
+    checkpoints = {f: t for f, t in files.items() if f.startswith("checkpoints/")}
+    assert {f: t for f, t in _files(root).items() if f.startswith("checkpoints/")} == checkpoints

@@ -59,7 +59,7 @@ class CheckpointMeta:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: Path) -> CheckpointMeta:
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path) -> CheckpointMeta:
         known = {f.name for f in dataclasses.fields(cls)}
         required = {
             f.name
@@ -135,13 +135,18 @@ def read_meta(directory: str | Path) -> CheckpointMeta:
             f"{directory} is not a raysoup checkpoint: {META_FILE} is missing "
             f"(expected {WEIGHTS_FILE} and {META_FILE})"
         )
+    return meta_from_bytes(path.read_bytes(), path)
+
+
+def meta_from_bytes(raw: bytes, source: str | Path) -> CheckpointMeta:
+    """Parse the bytes of a ``raysoup.json`` read from ``source`` (named in errors)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: corrupt metadata JSON ({error})") from error
+        raise CheckpointError(f"{source}: corrupt metadata JSON ({error})") from error
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: metadata must be a JSON object")
-    return CheckpointMeta.from_dict(data, path)
+        raise CheckpointError(f"{source}: metadata must be a JSON object")
+    return CheckpointMeta.from_dict(data, source)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raysoup.io import storage
 from raysoup.io.atomic import fsync_dir
 from raysoup.results.schema import KINDS, _check_kind, schema, validate_rows
 
@@ -62,7 +63,9 @@ class ResultsStore:
 
     def _display(self, path: str) -> str:
         """``path`` spelled the way the user spelled the root (URI or local path)."""
-        return self.root.rstrip("/") + path[len(self._path) :]
+        if not storage.is_uri(self.root):
+            return self.root.rstrip("/") + path[len(self._path) :]
+        return str(storage.join(self.root, path[len(self._path) :]))  # before any ?query
 
     def append(self, kind: str, rows: Sequence[Mapping[str, Any]], part_key: str) -> str | None:
         """Write ``rows`` as the part ``part_key`` of ``kind``; returns the file written.
@@ -178,5 +181,9 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
         # A run folder (or one with no results yet; its results/ would be empty anyway).
         if not has_results and fs.get_file_info(inner).type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no run or results folder at {text}")
-        text = f"{text}/{RESULTS_DIR}"
+        text = (
+            str(storage.join(text, RESULTS_DIR))
+            if storage.is_uri(text)
+            else f"{text}/{RESULTS_DIR}"
+        )
     return ResultsStore(text).read_all()

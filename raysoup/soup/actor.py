@@ -44,7 +44,7 @@ class SoupActor:
 
     def __init__(self, root: str, sweep: str, expected: list[tuple[dict, list[str]]], **options):
         self.maker = SoupMaker(
-            Path(root),
+            root,
             sweep,
             expected={GroupKey(**key): ids for key, ids in expected},
             log=lambda line: print(line, file=sys.stdout, flush=True),

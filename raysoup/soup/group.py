@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from raysoup.io.checkpoint import CheckpointMeta, load_checkpoint, read_meta
+from raysoup.io import storage
+from raysoup.io.checkpoint import CheckpointMeta, load_checkpoint
 from raysoup.soup.average import RunningSoup
 from raysoup.soup.greedy import Candidate, Decision, StreamingGreedy
 
@@ -64,8 +65,8 @@ class Offer:
 
     @classmethod
     def from_checkpoint(cls, trial_id: str, checkpoint: str | Path) -> Offer:
-        """The offer of a trial, from its checkpoint's metadata alone."""
-        meta = read_meta(checkpoint)
+        """The offer of a trial, from its checkpoint's metadata alone (local or URI)."""
+        meta = storage.read_meta(checkpoint)
         if meta.stage != "target":
             raise ValueError(
                 f"{checkpoint}: only target trials are souped, this one is stage {meta.stage!r}"
@@ -120,7 +121,8 @@ class StateCache:
         if item in self._cache:
             self._cache.move_to_end(item)
             return self._cache[item]
-        state, meta = load_checkpoint(offer.checkpoint)  # verifies the file against its meta
+        # A URI is fetched to the local cache once; the load verifies the file's hash.
+        state, meta = load_checkpoint(storage.local_checkpoint(offer.checkpoint))
         self.n_loads += 1
         if meta.content_hash != offer.content_hash:
             raise StaleCheckpoint(offer, meta.content_hash)

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from raysoup.io.atomic import atomic_write_bytes
-from raysoup.io.checkpoint import CheckpointError, is_checkpoint, read_meta, save_checkpoint
+from raysoup.io import storage
+from raysoup.io.checkpoint import CheckpointError, save_checkpoint
+from raysoup.io.storage import Location
 from raysoup.results.store import ResultsStore
 from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
 from raysoup.soup.greedy import ACCEPT, Decision, rank_key
@@ -57,7 +58,7 @@ class SoupMaker:
 
     def __init__(
         self,
-        root: str | Path,
+        root: Location,
         sweep: str,
         *,
         accept: str = "ge",
@@ -77,7 +78,7 @@ class SoupMaker:
             raise ValueError(f"methods={list(methods)}: expected a subset of {METHODS}")
         if max_models < 0:
             raise ValueError(f"max_models={max_models}: expected >= 0")
-        self.root = Path(root)
+        self.root = storage.resolve(root)
         self.sweep = sweep
         self.accept = accept
         self.expected = {key: set(ids) for key, ids in (expected or {}).items()}
@@ -90,7 +91,7 @@ class SoupMaker:
         self.methods = tuple(m for m in METHODS if m in methods)
         self.persist = persist
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.store = ResultsStore(self.root / "results")
+        self.store = ResultsStore(str(storage.join(self.root, "results")))
         self.groups: dict[GroupKey, GroupSoup] = {}
         self._decided_at: dict[GroupKey, dict[str, list[Any]]] = {}
         self._final: dict[GroupKey, dict[str, str]] = {}
@@ -104,8 +105,8 @@ class SoupMaker:
     # ------------------------------------------------------------ state
 
     @property
-    def state_path(self) -> Path:
-        return self.root / STATE_DIR / STATE_FILE
+    def state_path(self) -> Location:
+        return storage.join(self.root, STATE_DIR, STATE_FILE)
 
     def _save(self) -> None:
         if not self.persist:
@@ -123,12 +124,12 @@ class SoupMaker:
             )
         state = {"version": STATE_VERSION, "sweep": self.sweep, "accept": self.accept}
         state["groups"] = groups
-        atomic_write_bytes(self.state_path, json.dumps(state, indent=1).encode())
+        storage.write_bytes_atomic(self.state_path, json.dumps(state, indent=1).encode())
 
     def _restore(self) -> None:
-        if not self.state_path.is_file():
+        if not storage.exists(self.state_path):
             return
-        state = json.loads(self.state_path.read_text())
+        state = json.loads(storage.read_bytes(self.state_path))
         if state.get("accept") != self.accept:
             raise ValueError(
                 f"{self.state_path}: soups were built with accept={state.get('accept')!r}, "
@@ -164,7 +165,7 @@ class SoupMaker:
     def evaluator(self, key: GroupKey) -> SoupEvaluator:
         if key not in self._evaluators:
             first = self.groups[key].ranked()[0]
-            meta = read_meta(first.checkpoint)
+            meta = storage.read_meta(first.checkpoint)
             self._evaluators[key] = SoupEvaluator(self._data_for(key), meta, self.device)
         return self._evaluators[key]
 
@@ -231,8 +232,8 @@ class SoupMaker:
         stale = [
             o
             for o in list(group.offers.values())
-            if is_checkpoint(o.checkpoint)
-            and read_meta(o.checkpoint).content_hash != o.content_hash
+            if storage.is_checkpoint(o.checkpoint)
+            and storage.read_meta(o.checkpoint).content_hash != o.content_hash
         ]
         if stale:
             self.log(f"raysoup soup: {key.slug}: {len(stale)} checkpoint(s) changed; re-souping")
@@ -281,8 +282,8 @@ class SoupMaker:
             f"{group.greedy.memo_hits} memo hits, {group.states.n_loads} loads)"
         )
 
-    def soup_dir(self, method: str, key: GroupKey) -> Path:
-        return self.root / SOUPS_DIR / method / key.slug
+    def soup_dir(self, method: str, key: GroupKey) -> Location:
+        return storage.join(self.root, SOUPS_DIR, method, key.slug)
 
     def finalize(self, key: GroupKey) -> list[dict[str, Any]]:
         """Write this group's soups (rows and checkpoints) unless already written as is."""
@@ -342,11 +343,12 @@ class SoupMaker:
                 id_val = self.evaluator(key).id_val_acc(state)
                 self.n_evaluations += 1
             test = self.evaluator(key).test_acc(state)
-            like = read_meta(group.erm().checkpoint)
+            like = storage.read_meta(group.erm().checkpoint)
             metrics = {"id_val_acc": id_val, "test_acc": test}
             meta = soup_meta(key, method, like, ingredients, metrics)
             checkpoint = str(self.soup_dir(method, key))
-            save_checkpoint(checkpoint, state, meta)
+            with storage.checkpoint_output(checkpoint) as local:  # published if a URI
+                save_checkpoint(local, state, meta)
         return {
             "sweep": self.sweep,
             "method": method,

@@ -1,7 +1,9 @@
 """Which runs a sweep is made of: pure planning, no Ray, no files.
 
 Stages run in order; each run has a stable key (its trial id in results and its
-checkpoint folder name), so a resumed sweep recognises what it already has.
+checkpoint folder name), so a resumed sweep recognises what it already has. The root is
+a local path or a URI (``s3://bucket/runs/<name>``); paths in the plan are then ``Path``
+objects or URI strings (``raysoup.io.storage.join``), with the same layout.
 
     base    (built-in only)  -> checkpoints/base/base
     lp      per (test env, trial seed)            -> checkpoints/lp/<key>
@@ -17,6 +19,8 @@ from typing import Any
 
 from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.registry import dataset_class
+from raysoup.io import storage
+from raysoup.io.storage import Location
 from raysoup.sweep.config import SweepConfig
 
 STAGE_ORDER = ("base", "lp", "aux", "target")
@@ -27,11 +31,11 @@ CHECKPOINTS = "checkpoints"
 class PlannedRun:
     stage: str
     key: str
-    spec: dict[str, Any]  # RunSpec fields, paths relative to the experiment root
+    spec: dict[str, Any]  # RunSpec fields; paths (or URIs) under the experiment root
 
 
-def checkpoint_path(root: Path, stage: str, key: str) -> Path:
-    return Path(root) / CHECKPOINTS / stage / key
+def checkpoint_path(root: Location, stage: str, key: str) -> Location:
+    return storage.join(root, CHECKPOINTS, stage, key)
 
 
 def _common(config: SweepConfig) -> dict[str, Any]:
@@ -46,9 +50,9 @@ def _common(config: SweepConfig) -> dict[str, Any]:
     }
 
 
-def plan_sweep(config: SweepConfig, root: Path) -> dict[str, list[PlannedRun]]:
+def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun]]:
     """Every run of every stage, in a deterministic order."""
-    root = Path(root)
+    root = root if storage.is_uri(root) else Path(root)
     builtin = dataset_class(config.dataset).IS_BUILTIN
     common = _common(config)
     stages: dict[str, list[PlannedRun]] = {stage: [] for stage in STAGE_ORDER}
@@ -108,7 +112,9 @@ def plan_sweep(config: SweepConfig, root: Path) -> dict[str, list[PlannedRun]]:
                         "init": init,
                         "steps": config.steps,
                         "lp_head": checkpoint_path(root, "lp", lp_key),
-                        "aux_dir": [root / CHECKPOINTS / "aux"] if init != "pretrained" else [],
+                        "aux_dir": [storage.join(root, CHECKPOINTS, "aux")]
+                        if init != "pretrained"
+                        else [],
                         "fusing_range": config.fusing_range,
                         "ratatouille_choice": config.ratatouille_choice,
                         "aux_buffers": config.aux_buffers,

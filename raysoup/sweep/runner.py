@@ -6,6 +6,9 @@ Layout: ``sweep.json`` (the config, to refuse a different one under the same nam
 
 Resume: a stage whose checkpoints all exist is skipped; an unfinished stage is restored
 (errored trials resumed); a trial whose checkpoint exists reports it without retraining.
+
+Storage: ``<storage>`` is a local path or any ``pyarrow.fs`` URI (``s3://bucket/runs``);
+every file goes through ``raysoup.io.storage``, and Tune gets the same filesystem.
 """
 
 from __future__ import annotations
@@ -13,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import ray
 from ray import tune
 from ray.actor import ActorHandle
 
-from raysoup.io.atomic import atomic_write_bytes
-from raysoup.io.checkpoint import is_checkpoint
+from raysoup.io import storage as io_storage
+from raysoup.io.storage import Location
 from raysoup.options import OptionsError, from_mapping
 from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
 from raysoup.soup.group import GroupKey, Offer
@@ -37,23 +39,25 @@ class SweepError(RuntimeError):
     """A stage of the sweep could not finish."""
 
 
-def experiment_root(storage: str | Path, name: str) -> Path:
-    return Path(storage).expanduser().resolve() / name
+def experiment_root(storage: Location, name: str) -> Location:
+    """``<storage>/<name>``: an absolute ``Path`` for a local storage, a URI string for a URI."""
+    return io_storage.join(io_storage.resolve(storage), name)
 
 
-def read_config(root: Path) -> SweepConfig:
+def read_config(root: Location) -> SweepConfig:
     """The config a sweep under ``root`` was started with."""
-    path = Path(root) / CONFIG_FILE
-    if not path.is_file():
+    path = io_storage.join(root, CONFIG_FILE)
+    if not io_storage.exists(path):
         raise FileNotFoundError(f"{root} holds no sweep: {CONFIG_FILE} is missing")
-    return from_mapping(SweepConfig, json.loads(path.read_text())["config"], str(path))
+    record = json.loads(io_storage.read_bytes(path))
+    return from_mapping(SweepConfig, record["config"], str(path))
 
 
-def record_config(root: Path, config: SweepConfig) -> None:
+def record_config(root: Location, config: SweepConfig) -> None:
     """Write the config on first run; refuse a different config under the same name."""
-    path = root / CONFIG_FILE
-    if path.is_file():
-        stored = json.loads(path.read_text())
+    path = io_storage.join(root, CONFIG_FILE)
+    if io_storage.exists(path):
+        stored = json.loads(io_storage.read_bytes(path))
         if stored.get("fingerprint") != config.fingerprint():
             old, new = stored.get("config", {}), config.to_dict()
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -63,33 +67,46 @@ def record_config(root: Path, config: SweepConfig) -> None:
             )
         return
     record = {"fingerprint": config.fingerprint(), "config": config.to_dict()}
-    atomic_write_bytes(path, json.dumps(record, indent=2).encode())
+    io_storage.write_bytes_atomic(path, json.dumps(record, indent=2).encode())
 
 
-def _trial_config(run: PlannedRun, root: Path, config: SweepConfig) -> dict:
+def _trial_config(run: PlannedRun, root: Location, config: SweepConfig) -> dict:
     """What one Tune trial receives: JSON-ready (paths as strings)."""
     spec = json.loads(json.dumps(run.spec, default=str))
-    return {"key": run.key, "spec": spec, "sweep": config.name, "results": str(root / RESULTS)}
+    results = str(io_storage.join(root, RESULTS))
+    return {"key": run.key, "spec": spec, "sweep": config.name, "results": results}
+
+
+def _tune_storage(root: Location) -> dict:
+    """Tune's ``storage_path`` (and ``storage_filesystem`` for a URI) for ``<root>/tune``."""
+    if not io_storage.is_uri(root):
+        return {"storage_path": str(io_storage.join(root, "tune"))}
+    fs, path = io_storage.filesystem(io_storage.join(root, "tune"))
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def run_stage(
     stage: str,
     runs: list[PlannedRun],
-    root: Path,
+    root: Location,
     config: SweepConfig,
     callbacks: list[tune.Callback] | None = None,
 ) -> None:
-    todo = [run for run in runs if not is_checkpoint(run.spec["out"])]
+    todo = [run for run in runs if not io_storage.is_checkpoint(run.spec["out"])]
     if not todo:
         print(f"raysoup: stage {stage}: all {len(runs)} runs done, skipped", file=sys.stderr)
         return
     print(f"raysoup: stage {stage}: {len(todo)} of {len(runs)} runs to do", file=sys.stderr)
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     trainable = tune.with_resources(run_trial, resources)
-    path = root / "tune" / stage
-    if tune.Tuner.can_restore(str(path)):
+    tune_storage = _tune_storage(root)
+    path = f"{tune_storage['storage_path']}/{stage}"
+    filesystem = tune_storage.get("storage_filesystem")
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         # The callbacks come back from the saved experiment state.
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_errored=True, storage_filesystem=filesystem
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -97,14 +114,14 @@ def run_stage(
             tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent_trials or None),
             run_config=tune.RunConfig(
                 name=stage,
-                storage_path=str(root / "tune"),
+                **tune_storage,
                 failure_config=tune.FailureConfig(max_failures=config.max_failures),
                 callbacks=list(callbacks or []),
                 verbose=1,
             ),
         )
     grid = tuner.fit()
-    missing = [run.key for run in runs if not is_checkpoint(run.spec["out"])]
+    missing = [run.key for run in runs if not io_storage.is_checkpoint(run.spec["out"])]
     if missing or grid.errors:
         raise SweepError(
             f"stage {stage}: {len(missing)} run(s) did not finish ({missing[:5]}); "
@@ -113,8 +130,9 @@ def run_stage(
         )
 
 
-def run_sweep(config: SweepConfig, storage: str | Path) -> Path:
-    """Run (or resume) every stage; returns the experiment root."""
+def run_sweep(config: SweepConfig, storage: Location) -> Location:
+    """Run (or resume) every stage under ``storage`` (a local path or a URI); returns the
+    experiment root (a ``Path`` for local storage, a URI string otherwise)."""
     config.validate()
     root = experiment_root(storage, config.name)
     record_config(root, config)
@@ -145,7 +163,7 @@ def run_sweep(config: SweepConfig, storage: str | Path) -> Path:
     return root
 
 
-def start_soup(root: Path, config: SweepConfig, runs: list[PlannedRun]) -> ActorHandle:
+def start_soup(root: Location, config: SweepConfig, runs: list[PlannedRun]) -> ActorHandle:
     """The sweep's soup actor, handed every target trial that already finished (a resume:
     trials completed while no actor was listening)."""
     expected: dict[GroupKey, list[str]] = {}
@@ -173,14 +191,14 @@ def hand_over(soup: ActorHandle, runs: list[PlannedRun]) -> None:
     offers = [
         Offer.from_checkpoint(run.key, run.spec["out"]).to_dict()
         for run in runs
-        if is_checkpoint(run.spec["out"])
+        if io_storage.is_checkpoint(run.spec["out"])
     ]
     if offers:
         soup.offer.remote(offers)
 
 
 def resoup(
-    root: str | Path,
+    root: Location,
     methods: tuple[str, ...] = METHODS,
     accept: str | None = None,
     device: str = "auto",
@@ -190,13 +208,13 @@ def resoup(
     Writes the same ``soups`` / ``soup_steps`` parts (and soup checkpoints) as the actor,
     replacing them; ``accept`` defaults to the sweep's ``soup_accept``.
     """
-    root = Path(root)
+    root = io_storage.resolve(root)
     config = read_config(root)
     runs = plan_sweep(config, root).get("target", [])
     offers = [
         Offer.from_checkpoint(run.key, run.spec["out"])
         for run in runs
-        if is_checkpoint(run.spec["out"])
+        if io_storage.is_checkpoint(run.spec["out"])
     ]
     if not offers:
         raise FileNotFoundError(f"{root}: no finished target trial to soup")

@@ -4,6 +4,10 @@ Idempotent by checkpoint: if the run's checkpoint already exists (the trial fini
 before an interruption but Tune had not recorded it), its stored metrics are reported
 again instead of retraining. The ``trials`` row is written from the checkpoint's
 metadata, keyed by the trial key, so a row is never duplicated.
+
+The checkpoint (``spec.out``) may be a URI: ``train_run`` publishes it there, and the
+``checkpoint`` column holds that URI; read it back with
+``raysoup.io.storage.local_checkpoint``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Any
 
 from ray import tune
 
-from raysoup.io.checkpoint import CheckpointMeta, is_checkpoint, read_meta
+from raysoup.io import storage
+from raysoup.io.checkpoint import CheckpointMeta
 from raysoup.options import from_mapping
 from raysoup.results import ResultsStore
 from raysoup.soup.actor import GROUP_FIELDS, OFFER_FIELDS
@@ -32,7 +37,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def trial_row(sweep: str, key: str, meta: CheckpointMeta, checkpoint: Path) -> dict[str, Any]:
+def trial_row(sweep: str, key: str, meta: CheckpointMeta, checkpoint: Path | str) -> dict[str, Any]:
     """The ``trials`` row of a finished run, from its checkpoint metadata alone."""
     metrics = meta.metrics
     return {
@@ -61,20 +66,20 @@ def run_trial(config: dict[str, Any]) -> None:
     """Tune entry point: ``config["run"] = {"key", "spec", "sweep", "results"}``."""
     run = config["run"]
     spec = from_mapping(RunSpec, run["spec"], run["key"])
-    reused = is_checkpoint(spec.out)
+    reused = storage.is_checkpoint(spec.out)
     if not reused:
 
         def progress(metrics: dict[str, Any]) -> None:
             tune.report({**_scalars(metrics), "key": run["key"]})
 
         train_run(spec, on_eval=progress)
-    meta = read_meta(spec.out)
-    row = trial_row(run["sweep"], run["key"], meta, Path(spec.out))
+    meta = storage.read_meta(spec.out)
+    row = trial_row(run["sweep"], run["key"], meta, spec.out)
     ResultsStore(run["results"]).append("trials", [row], part_key=run["key"])
     # Everything the soup actor needs rides on the final result (see SoupFeeder).
     offer = {name: row[name] for name in (*OFFER_FIELDS, *GROUP_FIELDS) if name in row}
     tune.report(
         {**_scalars(meta.metrics), **_scalars(offer), "stage": meta.stage, "key": run["key"]}
         | {"reused": reused, "final": True},
-        checkpoint=tune.Checkpoint.from_directory(str(spec.out)),
+        checkpoint=tune.Checkpoint.from_directory(str(storage.local_checkpoint(spec.out))),
     )

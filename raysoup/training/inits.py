@@ -27,12 +27,12 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from raysoup.io import storage
 from raysoup.io.checkpoint import (
+    WEIGHTS_FILE,
     CheckpointError,
     check_state_dict,
-    is_checkpoint,
     load_checkpoint,
-    read_meta,
 )
 
 INIT_STRATEGIES = ("pretrained", "ratatouille", "fusing")
@@ -177,19 +177,15 @@ class AuxPool:
 
 
 def discover_aux_pool(dirs: Sequence[str | Path], target_dataset: str) -> AuxPool:
-    """Find the auxiliary checkpoints under ``dirs``; skip those of ``target_dataset``."""
+    """Find the auxiliary checkpoints under ``dirs`` (local paths or URIs, listed where they
+    are: only their metadata is read); skip those of ``target_dataset``."""
     found: dict[str, list[tuple[int, str]]] = {}
     excluded: list[str] = []
     for root in dirs:
-        root = Path(root)
-        if not root.is_dir():
+        if not storage.is_dir(root):
             raise FileNotFoundError(f"auxiliary directory {root} does not exist")
-        candidates = [root] if is_checkpoint(root) else []
-        candidates += sorted(p.parent for p in root.rglob("raysoup.json") if p.parent != root)
-        for path in candidates:
-            if not is_checkpoint(path) or path.name.startswith("."):
-                continue
-            meta = read_meta(path)
+        for path in storage.find_checkpoints(root):
+            meta = storage.read_meta(path)
             if meta.dataset == target_dataset:
                 excluded.append(str(path))
                 continue
@@ -207,18 +203,19 @@ def discover_aux_pool(dirs: Sequence[str | Path], target_dataset: str) -> AuxPoo
 def load_aux_featurizer(
     path: str | Path, target_dataset: str, reference: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """The ``featurizer.*`` tensors of an auxiliary checkpoint (never its head)."""
-    meta = read_meta(path)
+    """The ``featurizer.*`` tensors of an auxiliary checkpoint (never its head); the
+    leakage guard reads the metadata before any weights are fetched."""
+    meta = storage.read_meta(path)
     if meta.dataset == target_dataset:
         raise LeakageError(
             f"{path}: auxiliary checkpoint was trained on {meta.dataset!r}, the target dataset; "
             f"using it would leak target data"
         )
-    state, _ = load_checkpoint(path)
+    state, _ = load_checkpoint(storage.local_checkpoint(path))
     featurizer = strip_prefix(state, FEATURIZER_PREFIX)
     if not featurizer:
         raise CheckpointError(f"{path}: holds no '{FEATURIZER_PREFIX}*' tensors")
-    check_state_dict(featurizer, reference, Path(path) / "model.safetensors")
+    check_state_dict(featurizer, reference, storage.join(path, WEIGHTS_FILE))
     return featurizer
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,15 +35,17 @@ from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.loaders import train_batches
 from raysoup.data.registry import dataset_class, load_dataset
 from raysoup.data.splits import split_envs, training_envs
+from raysoup.io import storage
 from raysoup.io.checkpoint import (
+    WEIGHTS_FILE,
     CheckpointError,
     CheckpointMeta,
     check_state_dict,
     is_checkpoint,
     load_checkpoint,
-    read_meta,
     save_checkpoint,
 )
+from raysoup.io.storage import default_cache_dir
 from raysoup.models.networks import ARCHS, Network, build_network
 from raysoup.options import OptionsError, option
 from raysoup.seeding import seed_hash
@@ -75,21 +76,25 @@ class RunSpec:
     """Everything that determines one run. Same spec, same result (on CPU: bit for bit)."""
 
     dataset: str = option(help="dataset name (built-in or DomainBed)")
-    out: Path = option(help="directory the checkpoint is written to")
+    out: Path | str = option(help="directory (or URI, e.g. s3://...) the checkpoint goes to")
     test_env: int = option(0, help="held-out env index; -1 = train on all envs (auxiliary mode)")
     trial_seed: int = option(0, help="seed of the in/out splits (and of the LP)")
     hparams_seed: int = option(0, help="0 = default hyperparameters, else a seeded draw")
     init: str = option("pretrained", help="featurizer init", choices=INIT_STRATEGIES)
     stage: str = option("target", help="what this run is", choices=STAGES)
     data_dir: Path | None = option(None, help="root of on-disk DomainBed datasets")
-    aux_dir: list[Path] = option([], help="directories holding auxiliary checkpoints")
-    pretrained: Path | None = option(
+    aux_dir: list[Path | str] = option(
+        [], help="directories (or URIs) holding auxiliary checkpoints"
+    )
+    pretrained: Path | str | None = option(
         None, help="checkpoint whose featurizer is 'pretrained' (built-in: the base network)"
     )
     pretrained_weights: Path | None = option(
         None, help="explicit ImageNet weights file for ResNets (.safetensors or .pt)"
     )
-    lp_head: Path | None = option(None, help="LP checkpoint whose classifier head starts the run")
+    lp_head: Path | str | None = option(
+        None, help="LP checkpoint (path or URI) whose classifier head starts the run"
+    )
     steps: int | None = option(None, help="training steps (default: the dataset's N_STEPS)")
     checkpoint_freq: int | None = option(None, help="evaluate every N steps")
     arch: str | None = option(None, help="network (default: the dataset's)", choices=ARCHS)
@@ -147,11 +152,11 @@ class RunSpec:
                 f"init={self.init!r} needs auxiliary checkpoints: give --aux-dir DIR"
             )
         for path in self.aux_dir:
-            if not Path(path).is_dir():
+            if not storage.is_dir(path):
                 raise OptionsError(f"aux_dir {path} does not exist")
         for name in ("pretrained", "lp_head"):
             path = getattr(self, name)
-            if path is not None and not is_checkpoint(path):
+            if path is not None and not storage.is_checkpoint(path):
                 raise OptionsError(f"{name}={path}: not a checkpoint directory")
         if self.pretrained_weights is not None and not Path(self.pretrained_weights).is_file():
             raise OptionsError(f"pretrained_weights={self.pretrained_weights}: no such file")
@@ -177,10 +182,6 @@ class RunSpec:
 # ---------------------------------------------------------------- base network
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAYSOUP_CACHE", Path.home() / ".cache" / "raysoup"))
-
-
 def base_spec(out: Path, device: str = "auto") -> RunSpec:
     """The built-in foundation network's run (deterministic: fixed seeds, default hparams)."""
     return RunSpec(dataset=BUILTIN_BASE, out=out, test_env=-1, stage="base", device=device)
@@ -203,15 +204,15 @@ def ensure_base_checkpoint(cache_dir: Path | None = None, device: str = "auto") 
 # ---------------------------------------------------------------- the run
 
 
-def _load_part(module: nn.Module, path: Path, prefix: str) -> None:
-    state, _ = load_checkpoint(path)
+def _load_part(module: nn.Module, path: Path | str, prefix: str) -> None:
+    state, _ = load_checkpoint(storage.local_checkpoint(path))
     part = strip_prefix(state, prefix)
-    check_state_dict(part, module.state_dict(), Path(path) / "model.safetensors")
+    check_state_dict(part, module.state_dict(), storage.join(path, WEIGHTS_FILE))
     module.load_state_dict(part)
 
 
-def _check_lp_head(spec: RunSpec, path: Path) -> None:
-    meta = read_meta(path)
+def _check_lp_head(spec: RunSpec, path: Path | str) -> None:
+    meta = storage.read_meta(path)
     expected = (spec.dataset, spec.test_env, spec.trial_seed)
     found = (meta.dataset, meta.test_env, meta.trial_seed)
     if found != expected:
@@ -410,7 +411,8 @@ def train_run(
         },
         metrics={k: v for k, v in final.items() if isinstance(v, (int, float))},
     )
-    meta = save_checkpoint(spec.out, state, meta)
+    with storage.checkpoint_output(spec.out) as out:  # local: spec.out; URI: published
+        meta = save_checkpoint(out, state, meta)
     return {
         "dataset": spec.dataset,
         "stage": spec.stage,

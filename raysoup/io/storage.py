@@ -1,0 +1,428 @@
+"""Where a sweep's files live: a local path, or any ``pyarrow.fs`` URI (``s3://bucket/runs``).
+
+A *location* is a local path (``Path`` or ``str``) or a URI string. Local paths work
+exactly as plain files: nothing is staged, copied or cached. For a URI:
+
+- **Small files** (``sweep.json``) are written to a hidden temporary key next to the
+  target, then moved over it. On S3 the move is a server-side copy, and a single object
+  PUT/copy is atomic (readers see the old object or the new one); on stores where a
+  write in progress is visible (HDFS), the move is what makes it atomic.
+- **Checkpoints are published** from a local directory (the trainer writes into a local
+  staging directory, :func:`checkpoint_output`): the marker ``raysoup.json`` is removed
+  first if present, ``model.safetensors`` is uploaded, and ``raysoup.json`` goes last. A
+  remote directory is a checkpoint only once its marker exists (:func:`is_checkpoint`),
+  so an interrupted upload leaves no checkpoint at all, never half of one.
+- **Checkpoints are fetched** into a local cache, ``$RAYSOUP_CACHE/storage/`` (default
+  ``~/.cache/raysoup/storage/``), one folder per checkpoint *version* (named after the
+  URI and a digest of its metadata): the weights' sha256 is checked against the
+  ``content_hash`` in the metadata before the folder is renamed into place, so a folder
+  in the cache is always complete and verified, and is reused as long as the remote
+  checkpoint is unchanged. The cache can be deleted at any time.
+
+Credentials and endpoints come from the environment, as Arrow reads them
+(``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, an instance role, ``AWS_ENDPOINT_URL``...), or
+from the URI's query (``s3://bucket/runs?endpoint_override=host:9000&scheme=http``).
+
+Public API (``Location`` = ``Path | str``):
+
+- :func:`is_uri`, :func:`resolve`, :func:`join`, :func:`filesystem` — naming things;
+- :func:`exists`, :func:`is_dir`, :func:`read_bytes`, :func:`write_bytes_atomic` — files;
+- :func:`is_checkpoint`, :func:`read_meta`, :func:`find_checkpoints` — checkpoints in place;
+- :func:`checkpoint_output`, :func:`publish_checkpoint` — writing a checkpoint;
+- :func:`local_checkpoint` — a local directory to read a checkpoint from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pyarrow.fs as pafs
+
+from raysoup.io.atomic import atomic_write_bytes, fsync_dir
+from raysoup.io.checkpoint import (
+    META_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    CheckpointMeta,
+    file_sha256,
+    meta_from_bytes,
+)
+from raysoup.io.checkpoint import is_checkpoint as _is_local_checkpoint
+from raysoup.io.checkpoint import read_meta as _read_local_meta
+
+Location = Path | str
+STORAGE_CACHE = "storage"  # under the raysoup cache dir
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def default_cache_dir() -> Path:
+    """``$RAYSOUP_CACHE``, else ``~/.cache/raysoup``."""
+    return Path(os.environ.get("RAYSOUP_CACHE", Path.home() / ".cache" / "raysoup"))
+
+
+# ---------------------------------------------------------------- naming
+
+
+def is_uri(location: Location) -> bool:
+    """True for a URI with a scheme other than ``file://`` (``file://`` is a local path)."""
+    if isinstance(location, os.PathLike):
+        return False
+    match = _SCHEME.match(location)
+    return match is not None and match.group(1).lower() != "file"
+
+
+def _split_uri(uri: str) -> tuple[str, str, str]:
+    """``("scheme://", "netloc/path", "?query")``; string surgery, not ``urlunsplit``, which
+    drops the ``//`` of URIs with an empty authority (``hdfs:///path``)."""
+    match = _SCHEME.match(uri)
+    if match is None:
+        raise ValueError(f"{uri!r} is not a URI (expected scheme://...)")
+    end = match.end()
+    rest, mark, query = uri[end:].partition("?")
+    return uri[:end], rest, mark + query
+
+
+def _local(location: Location) -> Path:
+    """A local location as a ``Path`` (``file:///x`` becomes ``/x``)."""
+    text = os.fspath(location)
+    if text.lower().startswith("file://"):
+        return Path(unquote(urlsplit(text).path))
+    return Path(text).expanduser()
+
+
+def resolve(location: Location) -> Location:
+    """An absolute, canonical location: local paths resolved, URIs kept as they are
+    (minus a trailing ``/``), never passed through ``Path`` (it would collapse ``//``)."""
+    if is_uri(location):
+        head, path, query = _split_uri(str(location))
+        return head + (path.rstrip("/") or path) + query
+    return _local(location).resolve()
+
+
+def join(location: Location, *parts: str) -> Location:
+    """``location / part / ...``: a ``Path`` for a local location, a URI string for a URI
+    (a query such as ``?endpoint_override=...`` stays at the end)."""
+    if not is_uri(location):
+        return _local(location).joinpath(*parts)
+    head, path, query = _split_uri(str(location))
+    tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
+    if not tail:
+        return head + path + query
+    return head + path.rstrip("/") + "/" + tail + query
+
+
+def filesystem(location: Location) -> tuple[pafs.FileSystem, str]:
+    """``(Arrow filesystem, path inside it)`` of ``location``."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(_local(location).absolute())
+    try:
+        fs, path = pafs.FileSystem.from_uri(str(location))
+    except ValueError as error:  # ArrowInvalid: unknown scheme, malformed URI
+        raise ValueError(f"storage {location!r}: not a usable URI ({error})") from error
+    return fs, path.rstrip("/")
+
+
+# ---------------------------------------------------------------- small files
+
+
+def _info(location: Location) -> pafs.FileInfo:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path)
+
+
+def exists(location: Location) -> bool:
+    return _info(location).type != pafs.FileType.NotFound
+
+
+def is_dir(location: Location) -> bool:
+    """A directory (on object stores: a prefix with objects under it)."""
+    if not is_uri(location):
+        return _local(location).is_dir()
+    return _info(location).type == pafs.FileType.Directory
+
+
+def read_bytes(location: Location) -> bytes:
+    if not is_uri(location):
+        return _local(location).read_bytes()
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location} does not exist") from None
+
+
+def _hidden_sibling(path: str) -> str:
+    parent, name = posixpath.split(path)
+    return f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"
+
+
+def _put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a temporary hidden key, then move it over ``path`` (see the module doc)."""
+    tmp = _hidden_sibling(path)
+    try:
+        with fs.open_output_stream(tmp) as handle:
+            handle.write(data)
+        fs.move(tmp, path)
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+
+
+def write_bytes_atomic(location: Location, data: bytes) -> None:
+    """Replace ``location`` with ``data``: readers see the old bytes or the new, never a
+    mix (local: write, fsync, rename; URI: temporary key, then move)."""
+    if not is_uri(location):
+        atomic_write_bytes(_local(location), data)
+        return
+    fs, path = filesystem(location)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    _put_atomic(fs, path, data)
+
+
+# ---------------------------------------------------------------- checkpoints in place
+
+
+def is_checkpoint(location: Location) -> bool:
+    """Both ``model.safetensors`` and the marker ``raysoup.json`` exist."""
+    if not is_uri(location):
+        return _is_local_checkpoint(_local(location))
+    fs, path = filesystem(location)
+    infos = fs.get_file_info([f"{path}/{WEIGHTS_FILE}", f"{path}/{META_FILE}"])
+    return all(info.type == pafs.FileType.File for info in infos)
+
+
+def read_meta(location: Location) -> CheckpointMeta:
+    """The metadata of the checkpoint at ``location``, without fetching its weights."""
+    if not is_uri(location):
+        return _read_local_meta(_local(location))
+    marker = join(location, META_FILE)
+    try:
+        raw = read_bytes(marker)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{location} is not a raysoup checkpoint: {META_FILE} is missing "
+            f"(expected {WEIGHTS_FILE} and {META_FILE})"
+        ) from None
+    return meta_from_bytes(raw, marker)
+
+
+def find_checkpoints(root: Location) -> list[Location]:
+    """The checkpoints at or under ``root``: ``root`` itself first if it is one, then the
+    others sorted by path; hidden folders (temporary writes) are skipped."""
+    if not is_uri(root):
+        base = _local(root)
+        found = [base] if _is_local_checkpoint(base) else []
+        found += sorted(p.parent for p in base.rglob(META_FILE) if p.parent != base)
+        return [p for p in found if _is_local_checkpoint(p) and not p.name.startswith(".")]
+    fs, path = filesystem(root)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    files = {
+        info.path[len(path) + 1 :]
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File
+    }
+    folders = sorted(
+        posixpath.dirname(name)
+        for name in files
+        if posixpath.basename(name) == META_FILE
+        and posixpath.join(posixpath.dirname(name), WEIGHTS_FILE) in files
+    )
+    return [
+        join(root, *folder.split("/")) if folder else root
+        for folder in folders
+        if not any(part.startswith(".") for part in folder.split("/"))
+    ]
+
+
+# ---------------------------------------------------------------- writing a checkpoint
+
+
+def _check_local_checkpoint(directory: Path) -> bytes:
+    """The marker bytes of a complete local checkpoint whose weights match its hash."""
+    if not _is_local_checkpoint(directory):
+        raise CheckpointError(
+            f"{directory} is not a raysoup checkpoint (expected {WEIGHTS_FILE} and {META_FILE})"
+        )
+    raw = (directory / META_FILE).read_bytes()
+    expected = meta_from_bytes(raw, directory / META_FILE).content_hash
+    actual = file_sha256(directory / WEIGHTS_FILE)
+    if actual != expected:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE}: content hash {actual[:16]}... does not match the "
+            f"{expected[:16] or '<none>'}... recorded in {META_FILE}"
+        )
+    return raw
+
+
+def publish_checkpoint(local_dir: Location, location: Location) -> None:
+    """Copy the checkpoint in ``local_dir`` to ``location`` so that it appears complete
+    or not at all (the marker ``raysoup.json`` is uploaded last; a previous marker at
+    ``location`` is removed first). A no-op when ``location`` is ``local_dir`` itself."""
+    source = _local(local_dir)
+    marker = _check_local_checkpoint(source)
+    if not is_uri(location):
+        target = _local(location)
+        if target.absolute() == source.absolute():
+            return
+        _copy_local_checkpoint(source, target)
+        return
+    fs, path = filesystem(location)
+    local_fs = pafs.LocalFileSystem()
+    fs.create_dir(path, recursive=True)
+    if fs.get_file_info(f"{path}/{META_FILE}").type == pafs.FileType.File:
+        fs.delete_file(f"{path}/{META_FILE}")  # from now on, not a checkpoint
+    for item in sorted(source.iterdir()):
+        if item.name != META_FILE and item.is_file() and not item.name.startswith("."):
+            pafs.copy_files(
+                str(item),
+                f"{path}/{item.name}",
+                source_filesystem=local_fs,
+                destination_filesystem=fs,
+            )
+    _put_atomic(fs, f"{path}/{META_FILE}", marker)
+
+
+def _copy_local_checkpoint(source: Path, target: Path) -> None:
+    """Copy into a hidden sibling, fsync, rename into place (the old one moved aside)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(source, tmp)
+        for item in tmp.iterdir():
+            with open(item, "rb+") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def checkpoint_output(location: Location, cache_dir: Path | None = None) -> Iterator[Path]:
+    """The local directory to write the checkpoint of ``location`` into.
+
+    Local: ``location`` itself (written in place, nothing else happens). URI: a fresh
+    staging directory in the cache, published to ``location`` when the block exits
+    without error, and then kept as the cached copy :func:`local_checkpoint` returns.
+    """
+    if not is_uri(location):
+        yield _local(location)
+        return
+    cache = _storage_cache(cache_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
+    try:
+        local = staging / _name(location)
+        yield local
+        publish_checkpoint(local, location)
+        target = cache / _cache_name(location, (local / META_FILE).read_bytes())
+        _rename_into_place(local, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- reading a checkpoint
+
+
+def _storage_cache(cache_dir: Path | None) -> Path:
+    cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / STORAGE_CACHE
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def _name(location: Location) -> str:
+    return posixpath.basename(urlsplit(str(location)).path.rstrip("/")) or "checkpoint"
+
+
+def _cache_name(location: Location, marker: bytes) -> str:
+    """One folder per (URI, metadata): a republished checkpoint gets a new folder."""
+    digest = hashlib.sha256(str(resolve(location)).encode() + b"\0" + marker).hexdigest()
+    return f"{_name(location)}-{digest[:24]}"
+
+
+def _rename_into_place(tmp: Path, target: Path) -> None:
+    """Rename a verified folder to its cache name; if another process got there first,
+    its (equally verified) copy stays."""
+    for item in tmp.iterdir():
+        with open(item, "rb+") as handle:
+            os.fsync(handle.fileno())
+    fsync_dir(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not _is_local_checkpoint(target):
+            raise
+    fsync_dir(target.parent)
+
+
+def local_checkpoint(location: Location, cache_dir: Path | None = None) -> Path:
+    """A local directory holding the checkpoint at ``location``, to read it with
+    ``raysoup.io.load_checkpoint``.
+
+    Local: the path itself (nothing copied). URI: a verified copy in the cache
+    (``$RAYSOUP_CACHE/storage/``), downloaded on first use and reused while the remote
+    checkpoint is unchanged. Raises ``CheckpointError`` if ``location`` holds no
+    checkpoint, or if the downloaded weights do not match the recorded content hash.
+    """
+    if not is_checkpoint(location):
+        raise CheckpointError(
+            f"{location} is not a raysoup checkpoint (expected {WEIGHTS_FILE} and {META_FILE})"
+        )
+    if not is_uri(location):
+        return _local(location)
+    marker_location = join(location, META_FILE)
+    marker = read_bytes(marker_location)
+    expected = meta_from_bytes(marker, marker_location).content_hash
+    if not expected:
+        raise CheckpointError(f"{marker_location}: records no content_hash to verify against")
+    cache = _storage_cache(cache_dir)
+    target = cache / _cache_name(location, marker)
+    if _is_local_checkpoint(target):
+        return target
+    fs, path = filesystem(location)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache))
+    try:
+        selector = pafs.FileSelector(path, recursive=False)
+        names = sorted(
+            info.base_name
+            for info in fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+            and info.base_name != META_FILE
+            and not info.base_name.startswith(".")
+        )
+        for name in names:
+            pafs.copy_files(
+                f"{path}/{name}",
+                str(tmp / name),
+                source_filesystem=fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+        actual = file_sha256(tmp / WEIGHTS_FILE)
+        if actual != expected:
+            raise CheckpointError(
+                f"{join(location, WEIGHTS_FILE)}: downloaded weights have content hash "
+                f"{actual[:16]}..., {META_FILE} records {expected[:16]}...: the remote file is "
+                f"corrupt, truncated or was replaced"
+            )
+        atomic_write_bytes(tmp / META_FILE, marker)
+        _rename_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
