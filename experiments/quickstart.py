@@ -3,6 +3,8 @@
 Locally:        python experiments/quickstart.py --storage runs
 On a cluster:   ray submit cluster.yaml experiments/quickstart.py -- --address auto \
                     --storage s3://my-bucket/runs      (or a shared mount: /mnt/shared/runs)
+  or            ray job submit -- python experiments/quickstart.py --storage s3://my-bucket/runs
+                (the job's RAY_ADDRESS attaches it to the cluster)
 Same command again: resumes the interrupted sweep.
 """
 
@@ -11,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import ray
-
+from raysoup.options import OptionsError
 from raysoup.results import load_results, sweep_table
+from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import load_config
 from raysoup.sweep.runner import run_sweep
 
@@ -26,11 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", default=None, help="experiment name")
     parser.add_argument(
-        "--address", default=None, help="'auto' to attach to the running cluster (ray submit)"
+        "--address",
+        default=None,
+        help="'auto' to attach to the running cluster (ray submit); default: $RAY_ADDRESS "
+        "(set by ray job submit), else a new local Ray instance",
     )
     args = parser.parse_args(argv)
-    config = load_config(args.config, name=args.name)  # validated before Ray starts
-    ray.init(address=args.address or "local")
+    try:
+        config = load_config(args.config, name=args.name)  # validated before Ray starts
+    except OptionsError as error:
+        parser.error(str(error))  # exit code 2
+    connect(args.address)
     root = run_sweep(config, args.storage)
     print(sweep_table(load_results(root), dataset=config.dataset))
     return 0

@@ -146,3 +146,26 @@ def make_bucket(name: str) -> str:
 def s3_bucket(s3_endpoint: str) -> str:
     """A fresh, empty bucket on the moto endpoint, as ``s3://<bucket>``."""
     return make_bucket(f"raysoup-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_domainbed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(data_dir, weights file)``: PACS and VLCS in DomainBed's on-disk layout, with their
+    real env folders and class counts but 1 tiny PNG per class and env, and a randomly
+    initialised ResNet-18 saved as the "ImageNet" weights file (nothing is downloaded)."""
+    import torch
+    import torchvision
+    from PIL import Image
+
+    from raysoup.data.domainbed import PACS, VLCS
+
+    root = tmp_path_factory.mktemp("domainbed")
+    for cls in (PACS, VLCS):
+        for e, env in enumerate(cls.ENV_FOLDERS):
+            for c in range(cls.NUM_CLASSES):
+                folder = root / cls.FOLDER / env / f"class{c}"
+                folder.mkdir(parents=True)
+                Image.new("RGB", (16, 16), (35 * c, 60 * e, 90)).save(folder / "0.png")
+    weights = root / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    return root, weights

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from raysoup.options import OptionsError
-from raysoup.sweep.config import load_config
-from raysoup.sweep.plan import plan_sweep
+from raysoup.sweep.config import SweepConfig, load_config
+from raysoup.sweep.plan import checkpoint_path, plan_sweep
+from raysoup.sweep.runner import record_config
 from raysoup.training.trainer import RunSpec
 
 
@@ -36,6 +37,16 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("gpus_per_trial: -1\n", "gpus_per_trial=-1"),
         ("soup_accept: gte\n", r"expected one of \['ge', 'gt'\]"),
         ("[1, 2]\n", "mapping of options"),
+        ("hparams: {lr: big}\n", r"hparams: lr='big': expected a number"),
+        ("hparams: {batch_size: 0}\n", r"batch_size=0: expected a positive integer"),
+        ("hparams: {momentum: 0.9}\n", r"unknown hyperparameter\(s\) \['momentum'\]"),
+        ("dataset: null\naux_datasets: []\n", "auxiliary pool only.*aux_datasets is empty"),
+        ("dataset: null\naux_datasets: [PACS]\n", "'PACS' is read from disk: set data_dir"),
+        (
+            "dataset: PACS\ndata_dir: /d\ntest_envs: [0]\naux_datasets: [AuxRotationFlip]\n",
+            "'AuxRotationFlip' trains a cnn but target 'PACS' a resnet50",
+        ),
+        ("aux_pool: /no/such/pool\n", "aux_pool='/no/such/pool': no such directory"),
         ("test_envs: [1\n", "not valid YAML"),
     ],
 )
@@ -76,3 +87,39 @@ def test_plan_covers_every_stage_with_stable_keys(tmp_path) -> None:
     assert target["lp_head"] == tmp_path / "checkpoints/lp/lp-MiniRotatedMNIST-e5-s1"
     pretrained_only = plan_sweep(load_config(None, inits=["pretrained"]), tmp_path)
     assert "aux" not in pretrained_only
+
+
+def test_a_pool_alone_plans_base_and_aux_only(tmp_path) -> None:
+    pool = load_config(_write(tmp_path, "dataset: null\naux_n_hparams: 2\n"))
+    plan = plan_sweep(pool, tmp_path)
+    assert list(plan) == ["base", "aux"] and len(plan["aux"]) == 3 * 2
+
+
+def _fake_checkpoint(path: Path) -> None:
+    path.mkdir(parents=True)
+    for name in ("model.safetensors", "raysoup.json"):
+        (path / name).write_text("")  # planning only looks at whether they exist
+
+
+def test_a_target_sweep_borrows_only_its_aux_datasets_from_a_pool(tmp_path) -> None:
+    pool_root = tmp_path / "pool"
+    pool = load_config(_write(tmp_path, "name: pool\ndataset: null\n"))
+    record_config(pool_root, pool)
+    for aux in pool.aux_datasets:
+        _fake_checkpoint(checkpoint_path(pool_root, "aux", f"aux-{aux}-h0"))
+    _fake_checkpoint(checkpoint_path(pool_root, "base", "base"))
+    borrowing = load_config(None, aux_pool=str(pool_root), aux_datasets=pool.aux_datasets[:2])
+    plan = plan_sweep(borrowing, tmp_path / "target")
+    assert list(plan) == ["lp", "target"]  # the pool's base and aux runs are reused
+    ratatouille = next(r for r in plan["target"] if r.spec["init"] == "ratatouille").spec
+    assert ratatouille["aux_dir"] == [
+        checkpoint_path(pool_root, "aux", f"aux-{aux}-h0") for aux in pool.aux_datasets[:2]
+    ]
+    assert ratatouille["pretrained"] == checkpoint_path(pool_root, "base", "base")
+    with pytest.raises(OptionsError, match=r"lacks auxiliary run\(s\) \['aux-AuxRotationFlip-h1'"):
+        plan_sweep(load_config(None, aux_pool=str(pool_root), aux_n_hparams=2), tmp_path)
+    other_arch = SweepConfig(aux_pool=pool_root, arch="resnet18").validate()
+    with pytest.raises(
+        OptionsError, match="trained with arch=None, this sweep has arch='resnet18'"
+    ):
+        plan_sweep(other_arch, tmp_path)

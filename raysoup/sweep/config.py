@@ -18,7 +18,7 @@ from raysoup.data.builtin import BUILTIN_AUXILIARY, BUILTIN_TARGET
 from raysoup.data.registry import dataset_class
 from raysoup.models.networks import ARCHS
 from raysoup.options import OptionsError, from_mapping, option
-from raysoup.training.hparams import REGISTRIES
+from raysoup.training.hparams import REGISTRIES, sample_hparams
 from raysoup.training.inits import AUX_BUFFERS, INIT_STRATEGIES, RATATOUILLE_CHOICES
 
 ACCEPT = ("ge", "gt")
@@ -29,7 +29,9 @@ class SweepConfig:
     """A whole ratatouille / soups experiment."""
 
     name: str = option("quickstart", help="experiment name: the folder under the storage")
-    dataset: str = option(BUILTIN_TARGET, help="target dataset")
+    dataset: str | None = option(
+        BUILTIN_TARGET, help="target dataset; null: train only the auxiliary pool (no target)"
+    )
     data_dir: Path | None = option(None, help="root of on-disk DomainBed datasets")
     test_envs: list[int] = option([5], help="held-out env of each target sweep")
     trial_seeds: list[int] = option([0], help="split / LP seeds: replicates of the sweep")
@@ -39,6 +41,11 @@ class SweepConfig:
         list(BUILTIN_AUXILIARY[:3]), help="auxiliary datasets to fine-tune the pool on"
     )
     aux_n_hparams: int = option(1, help="auxiliary runs per auxiliary dataset")
+    aux_pool: Path | None = option(
+        None,
+        help="experiment folder (<storage>/<name>) of a finished sweep or auxiliary pool: "
+        "target runs take its auxiliary runs instead of training an aux stage here",
+    )
     steps: int | None = option(None, help="target run steps (default: dataset N_STEPS)")
     aux_steps: int | None = option(None, help="auxiliary run steps (default: dataset N_STEPS)")
     lp_stage_steps: int | None = option(None, help="linear-probe steps (default: N_STEPS)")
@@ -47,6 +54,9 @@ class SweepConfig:
     pretrained_weights: Path | None = option(None, help="ImageNet weights file for ResNets")
     hparams_registry: str = option("diwa", help="hparam distributions", choices=REGISTRIES)
     hparams_depend_on_trial_seed: bool = option(False, help="reference-style hparam seeding")
+    hparams: dict[str, Any] = option(
+        {}, help="hyperparameter overrides for every LP, aux and target run, e.g. {batch_size: 16}"
+    )
     fusing_range: float = option(4.0, help="R in lambda = softmax(R*u)")
     ratatouille_choice: str = option("reference", help="aux choice", choices=RATATOUILLE_CHOICES)
     aux_buffers: str = option("source", help="BatchNorm stats of aux inits", choices=AUX_BUFFERS)
@@ -62,54 +72,26 @@ class SweepConfig:
 
     def validate(self) -> SweepConfig:
         """Raise ``OptionsError`` naming the first impossible value; return self."""
-        try:
-            target = dataset_class(self.dataset)
-        except ValueError as error:
-            raise OptionsError(f"dataset: {error}") from None
-        n_envs = len(target.ENVIRONMENTS)
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise OptionsError(f"name={self.name!r}: expected a plain folder name")
-        if not self.test_envs:
-            raise OptionsError("test_envs is empty: the sweep would run no target trial")
-        for env in self.test_envs:
-            if not 0 <= env < n_envs:
-                raise OptionsError(
-                    f"test_envs: {env} is out of range for {self.dataset} "
-                    f"({n_envs} envs {target.ENVIRONMENTS}: expected 0..{n_envs - 1})"
-                )
         for name in ("test_envs", "trial_seeds", "inits", "aux_datasets"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise OptionsError(f"{name}={values}: contains duplicates")
-        if not self.trial_seeds:
-            raise OptionsError("trial_seeds is empty: the sweep would run no target trial")
-        if any(seed < 0 for seed in self.trial_seeds):
-            raise OptionsError(f"trial_seeds={self.trial_seeds}: seeds must be >= 0")
-        if self.n_hparams < 1:
-            raise OptionsError(f"n_hparams={self.n_hparams}: expected at least 1")
-        if not self.inits:
-            raise OptionsError("inits is empty: the sweep would run no target trial")
-        for init in self.inits:
-            if init not in INIT_STRATEGIES:
-                raise OptionsError(f"inits: unknown init {init!r}; expected {INIT_STRATEGIES}")
-        if self.dataset in self.aux_datasets:
-            raise OptionsError(
-                f"aux_datasets contains the target dataset {self.dataset!r}: its auxiliary "
-                f"runs would train on the held-out test env"
-            )
-        for aux in self.aux_datasets:
-            try:
-                cls = dataset_class(aux)
-            except ValueError as error:
-                raise OptionsError(f"aux_datasets: {error}") from None
-            if not cls.IS_BUILTIN and self.data_dir is None:
-                raise OptionsError(f"aux dataset {aux!r} is read from disk: set data_dir")
-        if set(self.inits) - {"pretrained"} and not self.aux_datasets:
-            raise OptionsError(f"inits {self.inits} need auxiliary datasets: set aux_datasets")
-        if self.aux_datasets and self.aux_n_hparams < 1:
-            raise OptionsError(f"aux_n_hparams={self.aux_n_hparams}: expected at least 1")
-        if not target.IS_BUILTIN and self.data_dir is None:
-            raise OptionsError(f"dataset {self.dataset!r} is read from disk: set data_dir")
+        if self.dataset is None:  # an auxiliary pool only
+            if not self.aux_datasets:
+                raise OptionsError(
+                    "dataset is null (an auxiliary pool only) but aux_datasets is empty: "
+                    "the sweep would run nothing"
+                )
+            if self.aux_pool is not None:
+                raise OptionsError(
+                    f"aux_pool={str(self.aux_pool)!r} with dataset null: a pool trains its "
+                    f"own auxiliary runs; aux_pool is for target sweeps"
+                )
+        self._validate_aux()
+        if self.dataset is not None:
+            self._validate_target()
         for name in ("steps", "aux_steps", "lp_stage_steps", "checkpoint_freq"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -130,7 +112,95 @@ class SweepConfig:
             )
         if self.max_failures < 0 or self.max_concurrent_trials < 0:
             raise OptionsError("max_failures and max_concurrent_trials must be >= 0")
+        for dataset in [self.dataset, *self.aux_datasets]:
+            if dataset is not None:
+                self._validate_hparams(dataset)
         return self
+
+    def _validate_target(self) -> None:
+        assert self.dataset is not None
+        try:
+            target = dataset_class(self.dataset)
+        except ValueError as error:
+            raise OptionsError(f"dataset: {error}") from None
+        n_envs = len(target.ENVIRONMENTS)
+        if not self.test_envs:
+            raise OptionsError("test_envs is empty: the sweep would run no target trial")
+        for env in self.test_envs:
+            if not 0 <= env < n_envs:
+                raise OptionsError(
+                    f"test_envs: {env} is out of range for {self.dataset} "
+                    f"({n_envs} envs {target.ENVIRONMENTS}: expected 0..{n_envs - 1})"
+                )
+        if not self.trial_seeds:
+            raise OptionsError("trial_seeds is empty: the sweep would run no target trial")
+        if any(seed < 0 for seed in self.trial_seeds):
+            raise OptionsError(f"trial_seeds={self.trial_seeds}: seeds must be >= 0")
+        if self.n_hparams < 1:
+            raise OptionsError(f"n_hparams={self.n_hparams}: expected at least 1")
+        if not self.inits:
+            raise OptionsError("inits is empty: the sweep would run no target trial")
+        for init in self.inits:
+            if init not in INIT_STRATEGIES:
+                raise OptionsError(f"inits: unknown init {init!r}; expected {INIT_STRATEGIES}")
+        if self.dataset in self.aux_datasets:
+            raise OptionsError(
+                f"aux_datasets contains the target dataset {self.dataset!r}: its auxiliary "
+                f"runs would train on the held-out test env"
+            )
+        if set(self.inits) - {"pretrained"} and not self.aux_datasets:
+            raise OptionsError(f"inits {self.inits} need auxiliary datasets: set aux_datasets")
+        if not target.IS_BUILTIN and self.data_dir is None:
+            raise OptionsError(f"dataset {self.dataset!r} is read from disk: set data_dir")
+        if self.aux_pool is not None and not Path(self.aux_pool).is_dir():
+            raise OptionsError(f"aux_pool={str(self.aux_pool)!r}: no such directory")
+        uses_pool = bool(set(self.inits) - {"pretrained"})
+        for aux in self.aux_datasets if uses_pool and self.arch is None else []:
+            cls = dataset_class(aux)  # known: checked by _validate_aux
+            if cls.DEFAULT_ARCH != target.DEFAULT_ARCH:
+                raise OptionsError(
+                    f"aux dataset {aux!r} trains a {cls.DEFAULT_ARCH} but target "
+                    f"{self.dataset!r} a {target.DEFAULT_ARCH}: auxiliary featurizers must "
+                    f"fit the target network (pick datasets of one kind, or set arch)"
+                )
+
+    def _validate_hparams(self, dataset: str) -> None:
+        """Overrides must name known hyperparameters and keep their defaults' types."""
+        defaults = sample_hparams(
+            dataset,
+            0,
+            registry=self.hparams_registry,
+            small_images=dataset_class(dataset).SMALL_IMAGES,
+        )
+        unknown = sorted(set(self.hparams) - set(defaults))
+        if unknown:
+            raise OptionsError(
+                f"hparams: unknown hyperparameter(s) {unknown}; known: {sorted(defaults)}"
+            )
+        for name, value in self.hparams.items():
+            default = defaults[name]
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok:
+                kind = {bool: "true or false", int: "a positive integer"}.get(
+                    type(default), "a number"
+                )
+                raise OptionsError(f"hparams: {name}={value!r}: expected {kind}")
+
+    def _validate_aux(self) -> None:
+        for aux in self.aux_datasets:
+            try:
+                cls = dataset_class(aux)
+            except ValueError as error:
+                raise OptionsError(f"aux_datasets: {error}") from None
+            if not cls.IS_BUILTIN and self.data_dir is None:
+                raise OptionsError(f"aux dataset {aux!r} is read from disk: set data_dir")
+        if self.aux_datasets and self.aux_n_hparams < 1:
+            raise OptionsError(f"aux_n_hparams={self.aux_n_hparams}: expected at least 1")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (paths as strings)."""
@@ -142,6 +212,10 @@ class SweepConfig:
         how = ("max_concurrent_trials", "max_failures", "soup_cpus", "soup_gpus", "soup_max_models")
         for knob in how:  # how it runs, not what it computes
             values.pop(knob)
+        # Options added later drop out at their defaults, so older sweeps still resume.
+        for late, default in (("aux_pool", None), ("hparams", {})):
+            if values.get(late) == default:
+                values.pop(late)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 

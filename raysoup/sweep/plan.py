@@ -1,4 +1,4 @@
-"""Which runs a sweep is made of: pure planning, no Ray, no files.
+"""Which runs a sweep is made of: planning, no Ray (and no files but an aux pool's).
 
 Stages run in order; each run has a stable key (its trial id in results and its
 checkpoint folder name), so a resumed sweep recognises what it already has. The root is
@@ -9,10 +9,18 @@ objects or URI strings (``raysoup.io.storage.join``), with the same layout.
     lp      per (test env, trial seed)            -> checkpoints/lp/<key>
     aux     per (aux dataset, aux hparams seed)   -> checkpoints/aux/<key>
     target  per (test env, trial seed, hparams seed, init) -> checkpoints/target/<key>
+
+``dataset: null`` plans an auxiliary pool alone (base if built-in, then aux). With
+``aux_pool``, the aux stage (and, built-in, the base) is not planned: target runs read
+``<aux_pool>/checkpoints/aux/<key>`` (same keys), one folder per configured auxiliary
+run, so a pool holding more datasets than configured (e.g. the target's own) lends only
+the configured ones. That is the one case where planning reads files: the pool's
+``sweep.json`` and whether its checkpoints exist.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +28,17 @@ from typing import Any
 from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage
+from raysoup.io.checkpoint import is_checkpoint
 from raysoup.io.storage import Location
+from raysoup.options import OptionsError
 from raysoup.sweep.config import SweepConfig
 
 STAGE_ORDER = ("base", "lp", "aux", "target")
 CHECKPOINTS = "checkpoints"
+SWEEP_RECORD = "sweep.json"  # the config a sweep folder was made with (runner.CONFIG_FILE)
+# Settings an auxiliary pool must share with a target sweep that borrows it: the same
+# network, fine-tuned from the same pretrained weights.
+POOL_MUST_MATCH = ("arch", "pretrained_weights")
 
 
 @dataclass(frozen=True)
@@ -38,8 +52,44 @@ def checkpoint_path(root: Location, stage: str, key: str) -> Location:
     return storage.join(root, CHECKPOINTS, stage, key)
 
 
+def aux_key(dataset: str, hparams_seed: int) -> str:
+    return f"aux-{dataset}-h{hparams_seed}"
+
+
+def check_aux_pool(config: SweepConfig) -> list[Path]:
+    """The pool checkpoints a target sweep with ``aux_pool`` borrows, checked to exist and
+    to come from a compatible sweep; ``OptionsError`` naming what is wrong otherwise."""
+    assert config.aux_pool is not None
+    pool = Path(config.aux_pool).expanduser().resolve()
+    record = pool / SWEEP_RECORD
+    if not record.is_file():
+        raise OptionsError(f"aux_pool={str(config.aux_pool)!r}: no {SWEEP_RECORD}; not a sweep")
+    theirs = json.loads(record.read_text()).get("config", {})
+    ours = config.to_dict()
+    for name in POOL_MUST_MATCH:
+        if theirs.get(name) != ours[name]:
+            raise OptionsError(
+                f"aux_pool={str(config.aux_pool)!r} was trained with {name}="
+                f"{theirs.get(name)!r}, this sweep has {name}={ours[name]!r}"
+            )
+    paths = [
+        checkpoint_path(pool, "aux", aux_key(aux, h))
+        for aux in config.aux_datasets
+        for h in range(config.aux_n_hparams)
+    ]
+    missing = [path.name for path in paths if not is_checkpoint(path)]
+    if missing:
+        raise OptionsError(
+            f"aux_pool={str(config.aux_pool)!r} lacks auxiliary run(s) {missing}: train or "
+            f"finish the pool first (it has aux_datasets={theirs.get('aux_datasets')}, "
+            f"aux_n_hparams={theirs.get('aux_n_hparams')})"
+        )
+    return paths
+
+
 def _common(config: SweepConfig) -> dict[str, Any]:
     return {
+        "hparams": dict(config.hparams),
         "data_dir": config.data_dir,
         "arch": config.arch,
         "pretrained_weights": config.pretrained_weights,
@@ -53,11 +103,21 @@ def _common(config: SweepConfig) -> dict[str, Any]:
 def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun]]:
     """Every run of every stage, in a deterministic order."""
     root = root if storage.is_uri(root) else Path(root)
-    builtin = dataset_class(config.dataset).IS_BUILTIN
+    pool_only = config.dataset is None
+    needs_pool = pool_only or any(init != "pretrained" for init in config.inits)
+    borrowed = check_aux_pool(config) if config.aux_pool is not None and needs_pool else None
+    if pool_only:
+        builtin = any(dataset_class(aux).IS_BUILTIN for aux in config.aux_datasets)
+    else:
+        builtin = dataset_class(config.dataset).IS_BUILTIN
     common = _common(config)
     stages: dict[str, list[PlannedRun]] = {stage: [] for stage in STAGE_ORDER}
     pretrained = None
-    if builtin:
+    if builtin and borrowed is not None:  # the pool's own base: the one its runs started from
+        pretrained = checkpoint_path(Path(config.aux_pool).expanduser().resolve(), "base", "base")
+        if not is_checkpoint(pretrained):
+            raise OptionsError(f"aux_pool={str(config.aux_pool)!r} has no base network")
+    elif builtin:
         pretrained = checkpoint_path(root, "base", "base")
         stages["base"].append(
             PlannedRun(
@@ -67,7 +127,7 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
             )
         )
     common["pretrained"] = pretrained
-    for test_env in config.test_envs:
+    for test_env in [] if pool_only else config.test_envs:
         for trial_seed in config.trial_seeds:
             key = f"lp-{config.dataset}-e{test_env}-s{trial_seed}"
             spec = {
@@ -80,10 +140,9 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
                 "out": checkpoint_path(root, "lp", key),
             }
             stages["lp"].append(PlannedRun("lp", key, spec))
-    needs_pool = any(init != "pretrained" for init in config.inits)
-    for aux in config.aux_datasets if needs_pool else []:
+    for aux in config.aux_datasets if needs_pool and borrowed is None else []:
         for hparams_seed in range(config.aux_n_hparams):
-            key = f"aux-{aux}-h{hparams_seed}"
+            key = aux_key(aux, hparams_seed)
             spec = {
                 **common,
                 "dataset": aux,
@@ -94,7 +153,8 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
                 "out": checkpoint_path(root, "aux", key),
             }
             stages["aux"].append(PlannedRun("aux", key, spec))
-    for test_env in config.test_envs:
+    aux_dir = borrowed if borrowed is not None else [storage.join(root, CHECKPOINTS, "aux")]
+    for test_env in [] if pool_only else config.test_envs:
         for trial_seed in config.trial_seeds:
             lp_key = f"lp-{config.dataset}-e{test_env}-s{trial_seed}"
             for hparams_seed in range(config.n_hparams):
@@ -112,9 +172,7 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
                         "init": init,
                         "steps": config.steps,
                         "lp_head": checkpoint_path(root, "lp", lp_key),
-                        "aux_dir": [storage.join(root, CHECKPOINTS, "aux")]
-                        if init != "pretrained"
-                        else [],
+                        "aux_dir": aux_dir if init != "pretrained" else [],
                         "fusing_range": config.fusing_range,
                         "ratatouille_choice": config.ratatouille_choice,
                         "aux_buffers": config.aux_buffers,

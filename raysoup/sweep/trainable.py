@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from raysoup.io import storage
@@ -62,6 +63,14 @@ def trial_row(sweep: str, key: str, meta: CheckpointMeta, checkpoint: Path | str
     }
 
 
+def where_ran() -> dict[str, str]:
+    """``node_id`` and ``node_ip`` of the Ray node this trial runs on (extra columns)."""
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+    }
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Tune entry point: ``config["run"] = {"key", "spec", "sweep", "results"}``."""
     run = config["run"]
@@ -75,6 +84,7 @@ def run_trial(config: dict[str, Any]) -> None:
         train_run(spec, on_eval=progress)
     meta = storage.read_meta(spec.out)
     row = trial_row(run["sweep"], run["key"], meta, spec.out)
+    row.update(where_ran())  # extra columns: which Ray node ran (or re-reported) the trial
     ResultsStore(run["results"]).append("trials", [row], part_key=run["key"])
     # Everything the soup actor needs rides on the final result (see SoupFeeder).
     offer = {name: row[name] for name in (*OFFER_FIELDS, *GROUP_FIELDS) if name in row}
