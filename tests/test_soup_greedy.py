@@ -281,6 +281,22 @@ def test_running_soup_is_the_mean(dtype, accum_dtype):
     assert averaged["bn.num_batches_tracked"].item() == 28  # the maximum over ingredients
 
 
+def test_average_with_is_add_then_average_bit_for_bit_and_leaves_the_soup():
+    a, b, c = (_state(seed, batches=seed * 3) for seed in (4, 5, 6))
+    soup = RunningSoup()
+    assert all(torch.equal(v, a[k]) for k, v in soup.average_with(a).items())
+    soup.add(a)
+    soup.add(b)
+    before = soup.average()
+    tried = soup.average_with(c)
+    for key, value in soup.average().items():  # untouched
+        assert torch.equal(value, before[key])
+    soup.add(c)
+    for key, value in soup.average().items():
+        assert torch.equal(tried[key], value), key
+    assert tried["bn.num_batches_tracked"].item() == 18
+
+
 def test_subtract_undoes_add():
     a, b, c = (_state(seed, batches=seed) for seed in (1, 2, 3))
     soup = RunningSoup()
