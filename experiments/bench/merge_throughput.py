@@ -249,10 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="timed merges per contender")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: a busy neighbour on a shared machine stalls "
+        "multi-threaded ops far more than single-threaded ones)",
+    )
     add_common_arguments(parser, "merge_throughput")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
     except ValueError as error:

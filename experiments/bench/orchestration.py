@@ -8,7 +8,11 @@ row, Tune checkpoint):
 
 - ``without``: the target stage alone;
 - ``with``: as ``run_sweep`` runs it: ``start_soup`` (the soup actor), the stage with the
-  ``SoupFeeder`` callback, ``hand_over`` and ``finalize`` (all soups written).
+  ``SoupFeeder`` callback, ``hand_over`` and ``finalize`` (all soups written);
+- ``reuse-actors``: a what-if, not what raysoup does today: the same Tuner as
+  ``run_stage`` (same trainable and trial configs, no soup) with Tune's
+  ``reuse_actors=True``, so trials run in a few long-lived worker processes instead of one
+  fresh process (importing torch and raysoup) per trial.
 
 Reported: the wall time of each, the ideal ``total work / slots`` (work = the same trial
 run standalone in this process, ``--calibrate`` of them, median), the overhead ratio
@@ -18,7 +22,7 @@ end of the stage to the final soups. The base network comes from the raysoup cac
 the LP head is trained once here: neither is timed.
 
     python experiments/bench/orchestration.py
-    python experiments/bench/orchestration.py --trials 100 --steps 2
+    python experiments/bench/orchestration.py --trials 100 --modes without with
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 import torch
 from benchlib import add_common_arguments, format_table, machine, median, resolve_device, write_rows
 
-MODES = ("without", "with")
+MODES = ("without", "with", "reuse-actors")
 LP_STEPS = 20
 
 
@@ -135,6 +139,32 @@ def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dic
     }
 
 
+def run_reusing_actors(root: Path, config: Any, runs: list[Any]) -> dict[str, Any]:
+    """``run_stage``'s Tuner for the target stage, with ``reuse_actors=True`` (what-if)."""
+    from ray import tune
+
+    from raysoup.sweep.runner import _trial_config
+    from raysoup.sweep.trainable import run_trial
+
+    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    started = time.perf_counter()
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, resources),
+        param_space={"run": tune.grid_search([_trial_config(r, root, config) for r in runs])},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(
+            name="target",
+            storage_path=str(root / "tune"),
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            verbose=1,
+        ),
+    )
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"reuse-actors sweep failed: {grid.errors[0]}")
+    return {"wall_s": time.perf_counter() - started}
+
+
 def trial_work(runs: list[Any]) -> float:
     """Seconds of work the trials measured themselves (``wall_s`` of their checkpoints)."""
     from raysoup.io.checkpoint import read_meta
@@ -190,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(__doc__.splitlines()[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--trials", type=int, default=40, help="target trials per sweep")
+    parser.add_argument("--trials", type=int, default=20, help="target trials per sweep")
     parser.add_argument("--steps", type=int, default=2, help="training steps per trial")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
@@ -229,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         _start_ray(Path(tmp) / "ray", args.cpus, 1 if device.type == "cuda" else 0)
         try:
             for mode, (root, config, runs) in prepared.items():
-                measured = run_target(root, config, runs, with_soup=mode == "with")
+                if mode == "reuse-actors":
+                    measured = run_reusing_actors(root, config, runs)
+                else:
+                    measured = run_target(root, config, runs, with_soup=mode == "with")
                 row = overhead_row(mode, args.trials, slots, measured, standalone, trial_work(runs))
                 rows.append(row)
         finally:

@@ -19,6 +19,10 @@ accuracies), the streaming actor's case, with re-decisions (more evaluations and
 
     python experiments/bench/soup_memory.py
     python experiments/bench/soup_memory.py --n 10 25 --modes raysoup --order arrival
+
+With ``--device cuda`` the soups are evaluated on the GPU (``SoupMaker(device=...)``; the
+reference modes load on the CPU, as ``map_location='cpu'`` does, and evaluate there) and
+``gpu_peak_mb`` reports torch's peak GPU allocation; ``peak_mb`` stays host memory.
 """
 
 from __future__ import annotations
@@ -32,9 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
-from benchlib import RESULTS_DIR, format_table, machine, write_rows
 
 DATASET = "MiniRotatedMNIST"
 
@@ -82,8 +83,20 @@ def make_candidates(root: Path, n: int, seed: int = 0, arch: str = "resnet18") -
     return paths
 
 
-def soup_peak(candidates: list[Path], out: Path, max_models: int) -> dict[str, float]:
-    """Soup ``candidates`` with a ``SoupMaker``; call in a fresh process."""
+def _gpu_peak_mb(device: str) -> float | None:
+    """Peak GPU memory allocated by torch (MB) on a CUDA device, else None."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+
+
+def soup_peak(
+    candidates: list[Path], out: Path, max_models: int, device: str = "cpu"
+) -> dict[str, float]:
+    """Soup ``candidates`` with a ``SoupMaker`` (evaluating on ``device``); call in a fresh
+    process."""
     import resource
 
     import torch
@@ -95,7 +108,7 @@ def soup_peak(candidates: list[Path], out: Path, max_models: int) -> dict[str, f
     started = time.time()
     offers = [Offer.from_checkpoint(p.name, p) for p in candidates]
     maker = SoupMaker(
-        out, "memory", device="cpu", max_models=max_models, persist=False, log=lambda _: None
+        out, "memory", device=device, max_models=max_models, persist=False, log=lambda _: None
     )
     maker.offer(offers)
     rows = maker.finalize_all()
@@ -107,10 +120,13 @@ def soup_peak(candidates: list[Path], out: Path, max_models: int) -> dict[str, f
         "loads": group.states.n_loads,
         "greedy_size": next(r["n_ingredients"] for r in rows if r["method"] == "greedy"),
         "wall_s": time.time() - started,
+        "gpu_peak_mb": _gpu_peak_mb(device),
     }
 
 
-def _reference_setup(candidates: list[Path]) -> tuple[Any, list[tuple[Path, float]]]:
+def _reference_setup(
+    candidates: list[Path], device: str = "cpu"
+) -> tuple[Any, list[tuple[Path, float]]]:
     """The scorer raysoup uses (same data, same network) and the candidates, best first."""
     import torch
 
@@ -120,7 +136,7 @@ def _reference_setup(candidates: list[Path]) -> tuple[Any, list[tuple[Path, floa
     torch.set_num_threads(1)
     metas = [read_meta(p) for p in candidates]
     key = DataKey(metas[0].dataset, metas[0].test_env, metas[0].trial_seed)
-    evaluator = SoupEvaluator(GroupData(key, None, 0.2), metas[0], torch.device("cpu"))
+    evaluator = SoupEvaluator(GroupData(key, None, 0.2), metas[0], torch.device(device))
     scored = [(p, float(m.metrics["id_val_acc"])) for p, m in zip(candidates, metas, strict=True)]
     # sorted(..., reverse=True) by accuracy, as model soups / DiWA sort; ties by name
     scored.sort(key=lambda item: (-item[1], item[0].name))
@@ -139,18 +155,21 @@ def _uniform_step(soup: dict | None, new: dict, num_models: int) -> dict:
     return {k: v * (1.0 / num_models) + soup[k] for k, v in new.items()}
 
 
-def reference_peak(candidates: list[Path], out: Path, hold_all: bool) -> dict[str, float]:
+def reference_peak(
+    candidates: list[Path], out: Path, hold_all: bool, device: str = "cpu"
+) -> dict[str, float]:
     """Post-hoc Recipe 1 the reference way (``>=``); call in a fresh process.
 
     ``hold_all``: load every candidate first (``posthoc-all``), else one at a time
-    (``sequential``, model soups' ``main.py``). Writes nothing under ``out``.
+    (``sequential``, model soups' ``main.py``). Checkpoints are loaded on the CPU
+    (``map_location='cpu'``), the soup evaluated on ``device``. Writes nothing under ``out``.
     """
     import resource
 
     from raysoup.io.checkpoint import load_checkpoint
 
     started = time.time()
-    evaluator, ranked = _reference_setup(candidates)
+    evaluator, ranked = _reference_setup(candidates, device)
     loads = 0
 
     def load(path: Path) -> dict:
@@ -186,23 +205,30 @@ def reference_peak(candidates: list[Path], out: Path, hold_all: bool) -> dict[st
         "loads": loads,
         "greedy_size": size,
         "wall_s": time.time() - started,
+        "gpu_peak_mb": _gpu_peak_mb(device),
     }
 
 
 MODES = ("raysoup", "posthoc-all", "sequential")
 
 
-def run_mode(mode: str, candidates: list[Path], out: Path, max_models: int) -> dict[str, float]:
+def run_mode(
+    mode: str, candidates: list[Path], out: Path, max_models: int, device: str = "cpu"
+) -> dict[str, float]:
     """One measurement of ``mode``; call in a fresh process (``measure`` does)."""
     if mode == "raysoup":
-        return soup_peak(candidates, out, max_models)
+        return soup_peak(candidates, out, max_models, device)
     if mode in ("posthoc-all", "sequential"):
-        return reference_peak(candidates, out, hold_all=mode == "posthoc-all")
+        return reference_peak(candidates, out, mode == "posthoc-all", device)
     raise ValueError(f"mode {mode!r}: expected one of {MODES}")
 
 
 def measure(
-    candidates: list[Path], out: Path, max_models: int = 2, mode: str = "raysoup"
+    candidates: list[Path],
+    out: Path,
+    max_models: int = 2,
+    mode: str = "raysoup",
+    device: str = "cpu",
 ) -> dict[str, float]:
     """``run_mode`` in a fresh Python process (so earlier work does not count)."""
     if mode not in MODES:
@@ -211,11 +237,11 @@ def measure(
         "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
         "from soup_memory import run_mode; "
         "print(json.dumps(run_mode(sys.argv[5], [Path(p) for p in json.loads(sys.argv[2])], "
-        "Path(sys.argv[3]), int(sys.argv[4]))))"
+        "Path(sys.argv[3]), int(sys.argv[4]), sys.argv[6])))"
     )
     args = [str(Path(__file__).parent), json.dumps([str(p) for p in candidates]), str(out)]
     done = subprocess.run(
-        [sys.executable, "-c", code, *args, str(max_models), mode],
+        [sys.executable, "-c", code, *args, str(max_models), mode, device],
         capture_output=True,
         text=True,
         check=False,
@@ -234,6 +260,15 @@ def ranked_order(candidates: list[Path]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here: tests load this module by path for make_candidates / measure alone.
+    from benchlib import (
+        add_common_arguments,
+        format_table,
+        machine,
+        resolve_device,
+        write_rows,
+    )
+
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="\n".join(__doc__.splitlines()[1:]),
@@ -245,15 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", choices=("resnet18", "resnet50", "cnn"), default="resnet18")
     parser.add_argument("--max-models", type=int, default=2, help="raysoup's model cache")
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the candidates")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=RESULTS_DIR / "soup_memory.parquet",
-        help="Parquet file the rows are written to, atomically (default: %(default)s)",
-    )
+    add_common_arguments(parser, "soup_memory")
     args = parser.parse_args(argv)
     if min(args.n) < 2 or args.max_models < 0:
         parser.error("--n values must be >= 2 and --max-models >= 0")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)
@@ -268,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.order == "ranked":
                 chosen = ranked_order(chosen)
             for mode in args.modes:
-                r = measure(chosen, root / f"out-{mode}-{n}", args.max_models, mode)
+                r = measure(chosen, root / f"out-{mode}-{n}", args.max_models, mode, str(device))
                 rows.append(
                     {
                         "script": "soup_memory",
@@ -284,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         same_n = {r["mode"]: r["peak_mb"] for r in rows if r["n"] == row["n"]}
         row["x_raysoup"] = row["peak_mb"] / same_n["raysoup"] if "raysoup" in same_n else None
-    info = machine(torch.device("cpu"))
+    info = machine(device)
     rows = [row | info for row in rows]
     columns = [
         ("n", "d"),
@@ -296,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         ("loads", "d"),
         ("greedy_size", "d"),
         ("wall_s", ".1f"),
+        ("gpu_peak_mb", ".0f"),
     ]
     print(format_table(rows, columns))
     print(f"rows: {write_rows(rows, args.out)}")

@@ -13,6 +13,9 @@ LAST arrival, side by side:
   does;
 - ``posthoc-sorted``: the same, offered best first: plain batch Recipe 1 (k-1 evaluations).
 
+``--last best`` makes the best trial arrive last: the streaming worst case, where the whole
+ranking below it is decided again after the last arrival.
+
 ``decide_s`` is until the greedy soup is known, ``finalize_s`` writing the erm / uniform /
 greedy rows and checkpoints (uniform: every trial loaded once more; test accuracies),
 ``delay_s`` their sum. Arrivals are assumed spaced by more than the soup work (each
@@ -91,9 +94,22 @@ def offers_of(paths: Sequence[Path]) -> list[Any]:
     return [Offer.from_checkpoint(path.name, path) for path in paths]
 
 
-def arrival_order(offers: Sequence[Any], seed: int) -> list[Any]:
+LAST = ("random", "best")
+
+
+def arrival_order(offers: Sequence[Any], seed: int, last: str = "random") -> list[Any]:
+    """A seeded random order; ``last="best"`` then moves the best trial to the end (the
+    streaming worst case: every decision below it is made again)."""
+    from raysoup.soup.greedy import rank_key
+
+    if last not in LAST:
+        raise ValueError(f"last={last!r}: expected one of {LAST}")
     order = list(offers)
     random.Random(seed).shuffle(order)
+    if last == "best":
+        best = min(order, key=lambda o: rank_key(o.candidate))
+        order.remove(best)
+        order.append(best)
     return order
 
 
@@ -218,11 +234,12 @@ def run_k(
     device: torch.device,
     seed: int,
     repeats: int = 1,
+    last: str = "random",
 ) -> list[dict[str, Any]]:
     """Every mode on the first ``len(paths)`` trials, arriving in one seeded random order;
     ``repeats`` rounds, modes shuffled in each, times are medians over the rounds."""
     k = len(paths)
-    arrivals = arrival_order(offers_of(paths), seed + k)
+    arrivals = arrival_order(offers_of(paths), seed + k, last)
 
     def run(mode: str, out: Path, rep: int) -> dict[str, Any]:
         if mode == "streaming-actor":
@@ -238,7 +255,7 @@ def run_k(
         for mode in order:
             out = Path(tempfile.mkdtemp(prefix=f"{mode}-k{k}-", dir=workdir))
             runs[mode].append(run(mode, out, rep))
-    rows = [_median_row(k, seed + k, runs[mode]) for mode in modes]
+    rows = [{**_median_row(k, seed + k, runs[mode]), "last": last} for mode in modes]
     reference = next((r for r in rows if r["mode"].startswith("posthoc")), rows[0])
     for row in rows:
         row["same_soup"] = row["greedy"] == reference["greedy"]
@@ -283,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival orders")
     parser.add_argument("--orders", type=int, default=1, help="random arrival orders per k")
+    parser.add_argument(
+        "--last", choices=LAST, default="random", help="best: the best trial arrives last"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the trials")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per k (median times)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here (the actor: 1)")
@@ -318,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             for k in sorted(args.k):
                 for order in range(args.orders):
                     seed = args.seed + 7919 * order
-                    rows += run_k(paths[:k], args.modes, workdir, device, seed, args.repeats)
+                    rows += run_k(
+                        paths[:k], args.modes, workdir, device, seed, args.repeats, args.last
+                    )
         finally:
             if "streaming-actor" in args.modes:
                 import ray
