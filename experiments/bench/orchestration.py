@@ -1,0 +1,294 @@
+"""Orchestration overhead: many short trials on Ray Tune, with and without the soup actor.
+
+The target stage of a real sweep (``SweepConfig`` with one init and ``--trials`` hparams
+seeds of the built-in MiniRotatedMNIST, ``--steps`` training steps per trial, so about a
+second of real work each) runs twice on one local Ray instance, through raysoup's own
+code path (``run_stage`` with the ``run_trial`` trainable: training, checkpoint, Parquet
+row, Tune checkpoint):
+
+- ``without``: the target stage alone;
+- ``with``: as ``run_sweep`` runs it: ``start_soup`` (the soup actor), the stage with the
+  ``SoupFeeder`` callback, ``hand_over`` and ``finalize`` (all soups written);
+- ``reuse-actors``: a what-if, not what raysoup does today: the same Tuner as
+  ``run_stage`` (same trainable and trial configs, no soup) with Tune's
+  ``reuse_actors=True``, so trials run in a few long-lived worker processes instead of one
+  fresh process (importing torch and raysoup) per trial.
+
+Reported: the wall time of each, the ideal ``total work / slots`` (work = the same trial
+run standalone in this process, ``--calibrate`` of them, median), the overhead ratio
+``wall / ideal``, the same against the work the trials measured themselves (their
+``wall_s``, slowed by whatever shared the CPUs), and for ``with`` the soup tail: from the
+end of the stage to the final soups. The base network comes from the raysoup cache and
+the LP head is trained once here: neither is timed.
+
+    python experiments/bench/orchestration.py
+    python experiments/bench/orchestration.py --trials 100 --modes without with
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from benchlib import add_common_arguments, format_table, machine, median, resolve_device, write_rows
+
+MODES = ("without", "with", "reuse-actors")
+LP_STEPS = 20
+
+
+def sweep_config(name: str, trials: int, steps: int, device: torch.device) -> Any:
+    """The benchmark sweep: one group of ``trials`` short pretrained-init trials."""
+    from raysoup.sweep.config import SweepConfig
+
+    gpu = device.type == "cuda"
+    return SweepConfig(
+        name=name,
+        n_hparams=trials,
+        inits=["pretrained"],
+        aux_datasets=[],
+        steps=steps,
+        checkpoint_freq=steps,
+        lp_stage_steps=LP_STEPS,
+        cpus_per_trial=1.0,
+        gpus_per_trial=0.45 if gpu else 0.0,  # two trials share the GPU beside the actor
+        soup_gpus=0.1 if gpu else 0.0,
+        max_failures=0,
+    ).validate()
+
+
+def _plain(spec: dict[str, Any]) -> dict[str, Any]:
+    """JSON-ready values, as a Tune trial receives its spec (paths as strings)."""
+    return json.loads(json.dumps(spec, default=str))
+
+
+def prepare(root: Path, config: Any, lp_from: Path | None = None) -> list[Any]:
+    """Record the config, put the base (cached) and LP (trained once) checkpoints in
+    place, return the planned target runs."""
+    from raysoup.io.checkpoint import is_checkpoint
+    from raysoup.options import from_mapping
+    from raysoup.sweep.plan import plan_sweep
+    from raysoup.sweep.runner import record_config
+    from raysoup.training.trainer import RunSpec, ensure_base_checkpoint, train_run
+
+    record_config(root, config)
+    plan = plan_sweep(config, root)
+    base = Path(plan["base"][0].spec["out"])
+    if not is_checkpoint(base):
+        shutil.copytree(ensure_base_checkpoint(), base, dirs_exist_ok=True)
+    lp = plan["lp"][0]
+    if not is_checkpoint(lp.spec["out"]):
+        if lp_from is not None and is_checkpoint(lp_from):
+            shutil.copytree(lp_from, lp.spec["out"])
+        else:
+            train_run(from_mapping(RunSpec, _plain(lp.spec), lp.key))
+    return plan["target"]
+
+
+def calibrate(runs: list[Any], scratch: Path, count: int) -> list[float]:
+    """Seconds of ``count`` of the trials run standalone here (one torch thread, like a
+    Ray worker with one CPU): the work of a trial without any orchestration."""
+    from raysoup.options import from_mapping
+    from raysoup.training.trainer import RunSpec, train_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seconds = []
+    try:
+        for run in runs[:count]:
+            spec = from_mapping(RunSpec, _plain({**run.spec, "out": scratch / run.key}), run.key)
+            started = time.perf_counter()
+            train_run(spec)
+            seconds.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return seconds
+
+
+def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dict[str, Any]:
+    """The timed target stage, exactly as ``run_sweep`` runs it (with or without soups)."""
+    import ray
+
+    from raysoup.soup.actor import SoupFeeder
+    from raysoup.sweep.runner import hand_over, run_stage, start_soup
+
+    started = time.perf_counter()
+    if not with_soup:
+        run_stage("target", runs, root, config)
+        return {"wall_s": time.perf_counter() - started}
+    soup = start_soup(root, config, runs)
+    run_stage("target", runs, root, config, callbacks=[SoupFeeder(config.name)])
+    stage_done = time.perf_counter()
+    hand_over(soup, runs)
+    written = ray.get(soup.finalize.remote())
+    ended = time.perf_counter()
+    summary = ray.get(soup.summary.remote())
+    ray.kill(soup, no_restart=True)
+    return {
+        "wall_s": ended - started,
+        "soup_tail_s": ended - stage_done,
+        "soups_written": len(written),
+        "greedy_size": len(summary[0]["greedy"]) if summary else 0,
+    }
+
+
+def run_reusing_actors(root: Path, config: Any, runs: list[Any]) -> dict[str, Any]:
+    """``run_stage``'s Tuner for the target stage, with ``reuse_actors=True`` (what-if)."""
+    from ray import tune
+
+    from raysoup.sweep.runner import _trial_config
+    from raysoup.sweep.trainable import run_trial
+
+    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    started = time.perf_counter()
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, resources),
+        param_space={"run": tune.grid_search([_trial_config(r, root, config) for r in runs])},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(
+            name="target",
+            storage_path=str(root / "tune"),
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            verbose=1,
+        ),
+    )
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"reuse-actors sweep failed: {grid.errors[0]}")
+    return {"wall_s": time.perf_counter() - started}
+
+
+def trial_work(runs: list[Any]) -> float:
+    """Seconds of work the trials measured themselves (``wall_s`` of their checkpoints)."""
+    from raysoup.io.checkpoint import read_meta
+
+    return sum(float(read_meta(run.spec["out"]).metrics["wall_s"]) for run in runs)
+
+
+def overhead_row(
+    mode: str, trials: int, slots: int, measured: dict[str, Any], standalone: float, work: float
+) -> dict[str, Any]:
+    """Wall time against the ideal ``total work / slots``."""
+    ideal = standalone * trials / slots
+    wall = measured["wall_s"]
+    return {
+        "mode": mode,
+        "trials": trials,
+        "slots": slots,
+        "trial_work_s": standalone,
+        "ideal_s": ideal,
+        **measured,
+        "overhead_x": wall / ideal,
+        "overhead_per_trial_s": (wall - ideal) * slots / trials,
+        "work_in_trials_s": work,
+        "overhead_in_trials_x": wall / (work / slots),
+    }
+
+
+def fresh_import_s() -> float:
+    """Seconds a fresh Python process takes to import the trainable (what every Tune trial
+    pays: Tune starts one worker process per trial, ``reuse_actors`` being off)."""
+    code = "import raysoup.sweep.trainable"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - started
+
+
+def _start_ray(tmp: Path, cpus: int, gpus: int) -> None:
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        num_gpus=gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=str(tmp),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="\n".join(__doc__.splitlines()[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--trials", type=int, default=20, help="target trials per sweep")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per trial")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    parser.add_argument("--calibrate", type=int, default=3, help="standalone trials timed")
+    parser.add_argument("--workdir", type=Path, default=None, help="keeps the sweeps")
+    add_common_arguments(parser, "orchestration")
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.steps < 1 or args.cpus < 1 or args.calibrate < 1:
+        parser.error("--trials, --steps, --cpus and --calibrate must be >= 1")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    slots = min(args.cpus, args.trials)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="orch-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        lp_from = None
+        prepared = {}
+        for mode in args.modes:
+            config = sweep_config(f"orch-{mode}-{stamp}", args.trials, args.steps, device)
+            root = workdir / config.name
+            prepared[mode] = (root, config, prepare(root, config, lp_from))
+            lp_from = Path(prepared[mode][2][0].spec["lp_head"])
+        first_runs = next(iter(prepared.values()))[2]
+        seconds = calibrate(first_runs, workdir / "calibration", args.calibrate)
+        standalone = median(seconds)
+        imports = fresh_import_s()
+        print(
+            f"one trial standalone: {standalone:.2f} s (median of {len(seconds)}); "
+            f"importing the trainable in a fresh process: {imports:.1f} s"
+        )
+        import ray
+
+        _start_ray(Path(tmp) / "ray", args.cpus, 1 if device.type == "cuda" else 0)
+        try:
+            for mode, (root, config, runs) in prepared.items():
+                if mode == "reuse-actors":
+                    measured = run_reusing_actors(root, config, runs)
+                else:
+                    measured = run_target(root, config, runs, with_soup=mode == "with")
+                row = overhead_row(mode, args.trials, slots, measured, standalone, trial_work(runs))
+                rows.append(row)
+        finally:
+            ray.shutdown()
+    info = machine(device)
+    rows = [
+        {"script": "orchestration", "steps": args.steps, **row, "fresh_import_s": imports, **info}
+        for row in rows
+    ]
+    columns = [
+        ("mode", ""),
+        ("trials", "d"),
+        ("slots", "d"),
+        ("trial_work_s", ".2f"),
+        ("ideal_s", ".1f"),
+        ("wall_s", ".1f"),
+        ("overhead_x", ".2f"),
+        ("overhead_per_trial_s", ".2f"),
+        ("overhead_in_trials_x", ".2f"),
+        ("soup_tail_s", ".2f"),
+        ("greedy_size", "d"),
+    ]
+    print(format_table(rows, columns))
+    print(f"rows: {write_rows(rows, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
