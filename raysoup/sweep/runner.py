@@ -25,6 +25,7 @@ from raysoup.io import storage as io_storage
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError, from_mapping
 from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
+from raysoup.soup.greedy import rank_key
 from raysoup.soup.group import GroupKey, Offer
 from raysoup.soup.maker import METHODS, SoupMaker
 from raysoup.sweep.config import SweepConfig
@@ -218,6 +219,8 @@ def resoup(
     ]
     if not offers:
         raise FileNotFoundError(f"{root}: no finished target trial to soup")
+    # Best first, each trial is decided once: the batch order of Recipe 1, fewest evaluations.
+    offers.sort(key=lambda offer: rank_key(offer.candidate))
     maker = SoupMaker(
         root,
         config.name,
