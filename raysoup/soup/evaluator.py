@@ -35,9 +35,7 @@ class DataKey:
 class GroupData:
     """One (dataset, test env, trial seed): its ID-val parts and its test env."""
 
-    def __init__(
-        self, key: DataKey, data_dir: str | Path | None, holdout_fraction: float
-    ) -> None:
+    def __init__(self, key: DataKey, data_dir: str | Path | None, holdout_fraction: float) -> None:
         self.key = key
         self.dataset: MultiDomainDataset = load_dataset(key.dataset, data_dir, augment=False)
         splits = split_envs(self.dataset.env_sizes(), key.trial_seed, holdout_fraction)
