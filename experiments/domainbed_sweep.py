@@ -29,23 +29,23 @@ naming it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
-from raysoup.data.domainbed import DOMAINBED_DATASETS
-from raysoup.models.networks import ARCHS
+from raysoup.io import storage
 from raysoup.options import OptionsError, from_mapping
 from raysoup.results import load_results, sweep_table
 from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import SweepConfig
 from raysoup.sweep.plan import plan_sweep
 from raysoup.sweep.runner import experiment_root, run_sweep
-from raysoup.training.hparams import REGISTRIES
+from raysoup.sweep.script_options import (
+    DATASETS,
+    add_run_options,
+    check_inputs,
+    run_option_values,
+)
 from raysoup.training.inits import INIT_STRATEGIES
-
-DATASETS = {cls.NAME: cls for cls in DOMAINBED_DATASETS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,48 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=int, default=None, help="target steps (default: DomainBed's)")
     add("--aux-steps", type=int, default=None, help="auxiliary steps (default: DomainBed's)")
     add("--lp-steps", type=int, default=None, help="linear-probe steps (default: DomainBed's)")
-    add("--checkpoint-freq", type=int, default=None, help="evaluate every N steps")
-    add(
-        "--arch",
-        default=None,
-        choices=[a for a in ARCHS if a != "cnn"],
-        help="network (default: resnet50)",
-    )
-    add(
-        "--pretrained-weights",
-        type=Path,
-        default=None,
-        help="ImageNet weights file (default: torchvision's cache, else a download)",
-    )
-    add("--hparams-registry", default="diwa", choices=REGISTRIES, help="hparam distributions")
-    add(
-        "--hparams",
-        default=None,
-        metavar="JSON",
-        help="overrides for every run, e.g. '{\"batch_size\": 16}'",
-    )
-    add("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (1 on a GPU cluster)")
-    add("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
-    add("--max-concurrent-trials", type=int, default=0, help="0: as many as resources allow")
-    add(
-        "--address",
-        default=None,
-        help="'auto' to attach to the running cluster (ray submit); default: $RAY_ADDRESS "
-        "(set by ray job submit), else a new local Ray instance",
-    )
+    add_run_options(parser)
     return parser
-
-
-def parse_hparams(text: str | None) -> dict[str, Any]:
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise OptionsError(f"--hparams {text!r}: not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise OptionsError(f"--hparams {text!r}: expected a JSON object")
-    return value
 
 
 def parse_test_envs(dataset: str, values: list[str] | None) -> list[int]:
@@ -152,16 +112,6 @@ def parse_test_envs(dataset: str, values: list[str] | None) -> list[int]:
                 f"--test-env {value!r}: {dataset} envs are {envs} (or 0..{len(envs) - 1})"
             )
     return indices
-
-
-def check_data_dir(data_dir: Path, datasets: list[str]) -> None:
-    for name in datasets:
-        folder = data_dir.expanduser() / DATASETS[name].FOLDER
-        if not folder.is_dir():
-            raise OptionsError(
-                f"--data-dir {str(data_dir)!r}: {folder} does not exist (expected "
-                f"<data-dir>/{DATASETS[name].FOLDER}/<env>/<class>/<image> for {name})"
-            )
 
 
 def build_config(args: argparse.Namespace) -> SweepConfig:
@@ -183,20 +133,11 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         "steps": args.steps,
         "aux_steps": args.aux_steps,
         "lp_stage_steps": args.lp_steps,
-        "checkpoint_freq": args.checkpoint_freq,
-        "arch": args.arch,
-        "pretrained_weights": args.pretrained_weights,
-        "hparams_registry": args.hparams_registry,
-        "hparams": parse_hparams(args.hparams),
         "fusing_range": args.fusing_range,
-        "gpus_per_trial": args.gpus_per_trial,
-        "cpus_per_trial": args.cpus_per_trial,
-        "max_concurrent_trials": args.max_concurrent_trials,
+        **run_option_values(args),
     }
     config = from_mapping(SweepConfig, values, "domainbed_sweep.py").validate()
-    if config.pretrained_weights is not None and not config.pretrained_weights.is_file():
-        raise OptionsError(f"--pretrained-weights {str(config.pretrained_weights)!r}: no file")
-    check_data_dir(args.data_dir, [args.dataset, *config.aux_datasets])
+    check_inputs(config, args.data_dir, [args.dataset, *config.aux_datasets])
     return config
 
 
@@ -211,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     connect(args.address)
     root = run_sweep(config, args.storage)
     print(sweep_table(load_results(root), dataset=config.dataset))
-    print(f"results: {root / 'results'}")
+    print(f"results: {storage.join(root, 'results')}")  # root is a URI string on s3://
     return 0
 
 

@@ -1,0 +1,94 @@
+"""Command-line pieces shared by the DomainBed experiment scripts in ``experiments/``.
+
+The scripts are copied alone to the head node by ``ray submit``, so what they share lives
+here, in the package: the run options common to a pool and a target sweep, the
+``--hparams`` JSON parser, and the input checks made before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from raysoup.data.domainbed import DOMAINBED_DATASETS
+from raysoup.models.networks import ARCHS
+from raysoup.options import OptionsError
+from raysoup.sweep.config import SweepConfig
+from raysoup.training.hparams import REGISTRIES
+
+DATASETS = {cls.NAME: cls for cls in DOMAINBED_DATASETS}
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Network, hparams, resources and cluster options (the same for every script)."""
+    add = parser.add_argument
+    add("--checkpoint-freq", type=int, default=None, help="evaluate every N steps")
+    add(
+        "--arch",
+        default=None,
+        choices=[a for a in ARCHS if a != "cnn"],
+        help="network (default: resnet50)",
+    )
+    add(
+        "--pretrained-weights",
+        type=Path,
+        default=None,
+        help="ImageNet weights file (default: torchvision's cache, else a download)",
+    )
+    add("--hparams-registry", default="diwa", choices=REGISTRIES, help="hparam distributions")
+    add(
+        "--hparams",
+        default=None,
+        metavar="JSON",
+        help="overrides for every run, e.g. '{\"batch_size\": 16}'",
+    )
+    add("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (1 on a GPU cluster)")
+    add("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
+    add("--max-concurrent-trials", type=int, default=0, help="0: as many as resources allow")
+    add(
+        "--address",
+        default=None,
+        help="'auto' to attach to the running cluster (ray submit); default: $RAY_ADDRESS "
+        "(set by ray job submit), else a new local Ray instance",
+    )
+
+
+def run_option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``SweepConfig`` values of :func:`add_run_options` (``--address`` is not one)."""
+    return {
+        "checkpoint_freq": args.checkpoint_freq,
+        "arch": args.arch,
+        "pretrained_weights": args.pretrained_weights,
+        "hparams_registry": args.hparams_registry,
+        "hparams": parse_hparams(args.hparams),
+        "gpus_per_trial": args.gpus_per_trial,
+        "cpus_per_trial": args.cpus_per_trial,
+        "max_concurrent_trials": args.max_concurrent_trials,
+    }
+
+
+def parse_hparams(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise OptionsError(f"--hparams {text!r}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise OptionsError(f"--hparams {text!r}: expected a JSON object")
+    return value
+
+
+def check_inputs(config: SweepConfig, data_dir: Path, datasets: list[str]) -> None:
+    """The weights file and each dataset's folder exist (``OptionsError`` naming them)."""
+    if config.pretrained_weights is not None and not config.pretrained_weights.is_file():
+        raise OptionsError(f"--pretrained-weights {str(config.pretrained_weights)!r}: no file")
+    for name in datasets:
+        folder = data_dir.expanduser() / DATASETS[name].FOLDER
+        if not folder.is_dir():
+            raise OptionsError(
+                f"--data-dir {str(data_dir)!r}: {folder} does not exist (expected "
+                f"<data-dir>/{DATASETS[name].FOLDER}/<env>/<class>/<image> for {name})"
+            )
