@@ -24,6 +24,29 @@ RESULTS_DIR = Path("bench-results")
 Row = dict[str, Any]
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose ``--help`` shows the script's docstring (first line, then the rest)."""
+    return argparse.ArgumentParser(
+        description=doc.splitlines()[0],
+        epilog="\n".join(doc.splitlines()[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def start_local_ray(tmp: Path, cpus: int, gpus: int = 0) -> None:
+    """A private local Ray instance (own temp dir: never a stale cluster from /tmp/ray)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        num_gpus=gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=str(tmp),
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` = CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
     if name not in DEVICES:

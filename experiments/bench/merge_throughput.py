@@ -25,7 +25,6 @@ The reference idioms run over the floating tensors (parameters and BatchNorm sta
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -40,6 +39,7 @@ from benchlib import (
     median,
     quantile,
     resolve_device,
+    script_parser,
     synchronize,
     write_rows,
 )
@@ -235,11 +235,7 @@ def rows_from_times(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--model",
         choices=MODELS,

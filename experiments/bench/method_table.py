@@ -14,14 +14,13 @@ existing run's results (no sweep).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import RESULTS_DIR, write_rows
+from benchlib import RESULTS_DIR, script_parser, write_rows
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "method_table.yaml"
 
@@ -56,11 +55,7 @@ def table_rows(soups: Any, dataset: str | None = None) -> tuple[Any, list[dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--storage", type=Path, default=Path("runs"), help="sweep storage")
     parser.add_argument("--name", default=None, help="experiment name (default: the config's)")

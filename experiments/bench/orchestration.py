@@ -27,7 +27,6 @@ the LP head is trained once here: neither is timed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -38,7 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import add_common_arguments, format_table, machine, median, resolve_device, write_rows
+from benchlib import (
+    add_common_arguments,
+    format_table,
+    machine,
+    median,
+    resolve_device,
+    script_parser,
+    start_local_ray,
+    write_rows,
+)
 
 MODES = ("without", "with", "reuse-actors")
 LP_STEPS = 20
@@ -201,25 +209,8 @@ def fresh_import_s() -> float:
     return time.perf_counter() - started
 
 
-def _start_ray(tmp: Path, cpus: int, gpus: int) -> None:
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        num_gpus=gpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=str(tmp),
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--trials", type=int, default=20, help="target trials per sweep")
     parser.add_argument("--steps", type=int, default=2, help="training steps per trial")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -256,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         import ray
 
-        _start_ray(Path(tmp) / "ray", args.cpus, 1 if device.type == "cuda" else 0)
+        start_local_ray(Path(tmp) / "ray", args.cpus, 1 if device.type == "cuda" else 0)
         try:
             for mode, (root, config, runs) in prepared.items():
                 if mode == "reuse-actors":

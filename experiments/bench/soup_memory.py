@@ -27,7 +27,6 @@ reference modes load on the CPU, as ``map_location='cpu'`` does, and evaluate th
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import subprocess
@@ -266,14 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         format_table,
         machine,
         resolve_device,
+        script_parser,
         write_rows,
     )
 
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--n", type=int, nargs="+", default=[10, 50, 100], help="trials")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--order", choices=("ranked", "arrival"), default="ranked")

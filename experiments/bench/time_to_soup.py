@@ -29,7 +29,6 @@ evaluation of these networks milliseconds). The trials are trained once and kept
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -45,6 +44,8 @@ from benchlib import (
     machine,
     median,
     resolve_device,
+    script_parser,
+    start_local_ray,
     write_rows,
 )
 
@@ -273,24 +274,8 @@ def _median_row(k: int, arrival_seed: int, runs: list[dict[str, Any]]) -> dict[s
     return row
 
 
-def _start_ray(tmp: Path, cpus: int) -> None:
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=str(tmp),
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 40], help="sweep sizes")
     parser.add_argument("--steps", type=int, default=30, help="training steps per trial")
     parser.add_argument(
@@ -332,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{len(paths)} trials ready in {time.perf_counter() - started:.0f} s")
         if "streaming-actor" in args.modes:
-            _start_ray(Path(tmp) / "ray", args.cpus)
+            start_local_ray(Path(tmp) / "ray", args.cpus)
         try:
             rows = []
             for k in sorted(args.k):
