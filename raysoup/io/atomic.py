@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -30,3 +31,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``target``, replacing any old one.
+
+    The old directory is moved aside first, so a crash in between leaves it recoverable
+    (under a hidden ``.<name>.old-*`` sibling) rather than half-deleted.
+    """
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_dir(target.parent)

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from raysoup.io.atomic import fsync_dir
+from raysoup.io.atomic import fsync_dir, replace_dir
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "raysoup.json"
@@ -107,15 +107,7 @@ def save_checkpoint(
         meta = dataclasses.replace(meta, content_hash=file_sha256(weights))
         _write_file(tmp / META_FILE, meta.to_json().encode())
         fsync_dir(tmp)
-        if directory.exists():
-            # Move the old one aside first: a crash in between leaves it recoverable.
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-        fsync_dir(directory.parent)
+        replace_dir(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -48,7 +48,7 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
-from raysoup.io.atomic import atomic_write_bytes, fsync_dir
+from raysoup.io.atomic import atomic_write_bytes, fsync_dir, replace_dir
 from raysoup.io.checkpoint import (
     META_FILE,
     WEIGHTS_FILE,
@@ -303,14 +303,7 @@ def _copy_local_checkpoint(source: Path, target: Path) -> None:
             with open(item, "rb+") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_dir(target.parent)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
