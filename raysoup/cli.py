@@ -70,18 +70,13 @@ def _results(args: argparse.Namespace) -> int:
 
 def _soup(args: argparse.Namespace) -> int:
     from raysoup.results import load_results, sweep_table
-    from raysoup.soup.maker import METHODS
+    from raysoup.soup.maker import METHODS, describe
     from raysoup.sweep.runner import resoup
 
     methods = METHODS if args.method == "all" else ("erm", args.method)
     rows = resoup(args.path, methods=methods, accept=args.accept, device=args.device)
     for row in rows:
-        print(
-            f"{row['method']:<8} {row['init']:<12} env {row['test_env']} seed "
-            f"{row['trial_seed']}: {row['n_ingredients']} ingredient(s), id_val "
-            f"{row['id_val_acc']:.4f}, test {row['test_acc']:.4f}",
-            file=sys.stderr,
-        )
+        print(describe(row), file=sys.stderr)
     print(sweep_table(load_results(args.path)))
     return 0
 

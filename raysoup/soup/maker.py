@@ -48,6 +48,15 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
+def describe(row: Mapping[str, Any]) -> str:
+    """One line for a ``soups`` row (what ``raysoup run`` and ``raysoup soup`` print)."""
+    return (
+        f"{row['method']:<8} {row['init']:<12} env {row['test_env']} seed {row['trial_seed']}: "
+        f"{row['n_ingredients']} ingredient(s), id_val {row['id_val_acc']:.4f}, "
+        f"test {row['test_acc']:.4f}"
+    )
+
+
 def _signature(accept: str, method: str, items: Sequence[Item]) -> str:
     text = json.dumps([method, accept, sorted(items)])
     return hashlib.sha256(text.encode()).hexdigest()
@@ -302,10 +311,7 @@ class SoupMaker:
             self._final[key][method] = signature
             self._save()
             rows.append(row)
-            self.log(
-                f"raysoup soup: {key.slug}: {method} soup of {len(ingredients)}: id_val "
-                f"{row['id_val_acc']:.4f}, test {row['test_acc']:.4f}"
-            )
+            self.log(f"raysoup soup: {describe(row)}")
         group.release()
         return rows
 

@@ -27,7 +27,7 @@ from raysoup.options import OptionsError, from_mapping
 from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
 from raysoup.soup.greedy import rank_key
 from raysoup.soup.group import GroupKey, Offer
-from raysoup.soup.maker import METHODS, SoupMaker
+from raysoup.soup.maker import METHODS, SoupMaker, describe
 from raysoup.sweep.config import SweepConfig
 from raysoup.sweep.plan import PlannedRun, plan_sweep
 from raysoup.sweep.trainable import run_trial
@@ -148,12 +148,7 @@ def run_sweep(config: SweepConfig, storage: Location) -> Location:
         run_stage(stage, runs, root, config, callbacks=[SoupFeeder(actor_name(config.name, root))])
         hand_over(soup, runs)  # idempotent: whatever the actor already has is skipped
         for row in ray.get(soup.finalize.remote()):
-            print(
-                f"raysoup: soup {row['method']:<8} {row['init']:<12} env {row['test_env']} "
-                f"seed {row['trial_seed']}: {row['n_ingredients']} ingredient(s), "
-                f"test {row['test_acc']:.4f}",
-                file=sys.stderr,
-            )
+            print(f"raysoup: soup {describe(row)}", file=sys.stderr)
         for group in ray.get(soup.summary.remote()):
             if group["trials"] < group["expected"]:
                 print(
@@ -189,13 +184,18 @@ def start_soup(root: Location, config: SweepConfig, runs: list[PlannedRun]) -> A
 
 def hand_over(soup: ActorHandle, runs: list[PlannedRun]) -> None:
     """Offer every finished target trial to the actor (fire-and-forget)."""
-    offers = [
-        Offer.from_checkpoint(run.key, run.spec["out"]).to_dict()
+    offers = [offer.to_dict() for offer in finished_offers(runs)]
+    if offers:
+        soup.offer.remote(offers)
+
+
+def finished_offers(runs: list[PlannedRun]) -> list[Offer]:
+    """The soup offers of the planned runs whose checkpoint exists, from their metadata."""
+    return [
+        Offer.from_checkpoint(run.key, run.spec["out"])
         for run in runs
         if io_storage.is_checkpoint(run.spec["out"])
     ]
-    if offers:
-        soup.offer.remote(offers)
 
 
 def resoup(
@@ -212,11 +212,7 @@ def resoup(
     root = io_storage.resolve(root)
     config = read_config(root)
     runs = plan_sweep(config, root).get("target", [])
-    offers = [
-        Offer.from_checkpoint(run.key, run.spec["out"])
-        for run in runs
-        if io_storage.is_checkpoint(run.spec["out"])
-    ]
+    offers = finished_offers(runs)
     if not offers:
         raise FileNotFoundError(f"{root}: no finished target trial to soup")
     # Best first, each trial is decided once: the batch order of Recipe 1, fewest evaluations.
