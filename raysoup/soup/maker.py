@@ -35,7 +35,15 @@ from raysoup.io.storage import Location
 from raysoup.results.store import ResultsStore
 from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
 from raysoup.soup.greedy import ACCEPT, Decision, rank_key
-from raysoup.soup.group import GroupKey, GroupSoup, Item, Offer, StaleCheckpoint, soup_meta
+from raysoup.soup.group import (
+    GroupKey,
+    GroupSoup,
+    Item,
+    Offer,
+    StaleCheckpoint,
+    StateCache,
+    soup_meta,
+)
 
 METHODS = ("erm", "uniform", "greedy")
 STATE_DIR = "soup"
@@ -183,8 +191,8 @@ class SoupMaker:
             self.n_evaluations += 1
             return self.evaluator(key).id_val_acc(state)
 
-        group = GroupSoup(key, score, accept=self.accept, memo=memo)
-        group.states.max_models = self.max_models
+        states = StateCache(self.max_models)
+        group = GroupSoup(key, score, accept=self.accept, states=states, memo=memo)
         self.groups[key] = group
         return group
 
