@@ -7,9 +7,10 @@ from pathlib import Path
 from raysoup.data.base import DatasetError, MultiDomainDataset
 from raysoup.data.builtin import BUILTIN_DATASETS
 from raysoup.data.domainbed import DOMAINBED_DATASETS
+from raysoup.data.nuisance import NUISANCE_DATASETS
 
 DATASETS: dict[str, type[MultiDomainDataset]] = {
-    cls.NAME: cls for cls in [*BUILTIN_DATASETS, *DOMAINBED_DATASETS]
+    cls.NAME: cls for cls in [*BUILTIN_DATASETS, *NUISANCE_DATASETS, *DOMAINBED_DATASETS]
 }
 
 

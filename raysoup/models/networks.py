@@ -17,7 +17,8 @@ from torch import nn
 
 from raysoup.io.checkpoint import import_state_dict
 
-ARCHS = ("cnn", "resnet18", "resnet50")
+ARCHS = ("cnn", "glyphcnn", "resnet18", "resnet50")
+SMALL_ARCHS = ("cnn", "glyphcnn")  # pretrained on built-in data, not ImageNet
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -47,6 +48,37 @@ class SmallCNN(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.network(x))
+
+
+class GlyphCNN(nn.Module):
+    """The nuisance benchmark's featurizer: four 3x3 convolutions with GroupNorm, 3x16x16 in.
+
+    GroupNorm, not BatchNorm: a network without running statistics averages cleanly
+    (a soup's BatchNorm statistics are not the statistics of the soup's features), like
+    DomainBed's MNIST network. Its pretrained weights are the shipped foundation
+    (``raysoup.models.foundation``).
+    """
+
+    n_outputs: ClassVar[int] = 128
+    widths: ClassVar[tuple[int, ...]] = (32, 64, 96, 128)
+    strides: ClassVar[tuple[int, ...]] = (1, 2, 1, 2)
+
+    def __init__(self, input_channels: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = input_channels
+        for c_out, stride in zip(self.widths, self.strides, strict=True):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                nn.GroupNorm(8, c_out),
+                nn.ReLU(inplace=True),
+            ]
+            c_in = c_out
+        self.network = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,10 +202,11 @@ def build_network(
     freeze_bn: bool = True,
 ) -> Network:
     """A fresh network. ``imagenet`` loads ImageNet weights into a ResNet featurizer."""
-    if arch == "cnn":
+    if arch in SMALL_ARCHS:
         if imagenet:
-            raise ValueError("arch 'cnn' has no ImageNet weights; pretrain it on the base dataset")
-        featurizer: nn.Module = SmallCNN(input_channels, dropout)
+            raise ValueError(f"arch {arch!r} has no ImageNet weights; it is pretrained offline")
+        small = SmallCNN if arch == "cnn" else GlyphCNN
+        featurizer: nn.Module = small(input_channels, dropout)
     elif arch in ("resnet18", "resnet50"):
         featurizer = ResNetFeaturizer(
             int(arch[len("resnet") :]), imagenet, weights_path, dropout, freeze_bn

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from raysoup.data.domainbed import DOMAINBED_DATASETS
-from raysoup.models.networks import ARCHS
+from raysoup.models.networks import ARCHS, SMALL_ARCHS
 from raysoup.options import OptionsError
 from raysoup.sweep.config import SweepConfig
 from raysoup.training.hparams import REGISTRIES
@@ -28,7 +28,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     add(
         "--arch",
         default=None,
-        choices=[a for a in ARCHS if a != "cnn"],
+        choices=[a for a in ARCHS if a not in SMALL_ARCHS],
         help="network (default: resnet50)",
     )
     add(

@@ -46,7 +46,8 @@ from raysoup.io.checkpoint import (
     save_checkpoint,
 )
 from raysoup.io.storage import default_cache_dir
-from raysoup.models.networks import ARCHS, Network, build_network
+from raysoup.models.foundation import foundation_dir
+from raysoup.models.networks import ARCHS, SMALL_ARCHS, Network, build_network
 from raysoup.options import OptionsError, option
 from raysoup.seeding import seed_hash
 from raysoup.training.evaluate import evaluate_splits
@@ -238,7 +239,7 @@ def build_start_network(
 ) -> tuple[Network, InitPlan, str]:
     """The network a run starts from, its init plan, and where 'pretrained' came from."""
     arch = resolve_arch(spec, dataset_cls, hparams)
-    imagenet = arch != "cnn" and spec.stage != "base"
+    imagenet = arch not in SMALL_ARCHS and spec.stage != "base"
     network = build_network(
         arch,
         dataset_cls.NUM_CLASSES,
@@ -251,8 +252,13 @@ def build_start_network(
     )
     if spec.stage == "base":
         return network, InitPlan("scratch", [], []), "scratch"
-    if arch == "cnn":
-        pretrained = spec.pretrained or ensure_base_checkpoint(spec.cache_dir, spec.device)
+    if arch in SMALL_ARCHS:
+        # glyphcnn: the foundation shipped in the package; cnn: the base trained and cached
+        pretrained = spec.pretrained or (
+            foundation_dir()
+            if arch == "glyphcnn"
+            else ensure_base_checkpoint(spec.cache_dir, spec.device)
+        )
         _load_part(network.featurizer, pretrained, FEATURIZER_PREFIX)
         pretrained_from = str(pretrained)
     else:
