@@ -17,7 +17,9 @@ def count_correct(
     network: nn.Module, batches: Iterable[Batch], device: torch.device, amp: bool = False
 ) -> tuple[int, int]:
     """``(correct, total)`` over the batches; the network is put in eval mode and restored."""
-    was_training = network.training
+    # Restore every module's own mode afterwards, not the root's for all: a frozen
+    # featurizer (eval mode inside a training network) must stay frozen after an evaluation.
+    modes = [(module, module.training) for module in network.modules()]
     network.eval()
     correct = total = 0
     try:
@@ -29,7 +31,8 @@ def count_correct(
             correct += int((logits.argmax(dim=1) == y).sum())
             total += int(y.numel())
     finally:
-        network.train(was_training)
+        for module, mode in modes:
+            module.training = mode
     return correct, total
 
 
