@@ -49,7 +49,22 @@ from dataclasses import dataclass
 import torch
 
 Tensor = torch.Tensor
-_Group = tuple[list[str], list[Tensor]]  # keys, their means; one dtype and device
+BUFFER_NUMEL = 1 << 14  # greedy tries write tensors larger than this into kept buffers
+
+
+@dataclass
+class _Group:
+    """The means of one dtype and device, large tensors and small ones apart.
+
+    A greedy try on the CPU writes each large tensor into a buffer kept between tries
+    (``torch.lerp(..., out=)``: a fresh 100 MB would cost page faults on every try) and
+    the small ones with one ``torch._foreach_lerp`` (a loop in C++, no Python per tensor).
+    """
+
+    keys: list[str]
+    means: list[Tensor]
+    small_keys: list[str]
+    small_means: list[Tensor]
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,15 @@ class _Spec:
 
 def _is_averaged(t: Tensor) -> bool:
     return t.is_floating_point()
+
+
+def _foreach_lerp(means: list[Tensor], values: list[Tensor], weight: float) -> list[Tensor]:
+    return list(torch._foreach_lerp(means, values, weight)) if means else []
+
+
+def _maximum(stacked: Tensor) -> Tensor:
+    """The elementwise maximum over the first dimension (``any`` for bool)."""
+    return stacked.any(dim=0) if stacked.dtype == torch.bool else stacked.amax(dim=0)
 
 
 class RunningSoup:
@@ -82,10 +106,13 @@ class RunningSoup:
         """Forget every ingredient (the next ``add`` defines the keys and shapes again)."""
         self._specs: dict[str, _Spec] = {}
         self._means: dict[str, Tensor] = {}
+        self._narrower: list[str] = []  # keys whose state dtype is narrower than the mean's
         self._groups: list[_Group] = []
-        self._buffers: list[list[Tensor]] | None = None  # average_with(reuse=True) writes here
+        # average_with(reuse=True) writes each group's large tensors here
+        self._buffers: list[list[Tensor]] | None = None
         self._ints: dict[str, Counter[bytes]] = {}
         self._int_values: dict[str, dict[bytes, Tensor]] = {}
+        self._int_max: dict[str, Tensor] | None = None  # of _int_values, cached
         self._count = 0
 
     @property
@@ -109,6 +136,7 @@ class RunningSoup:
             value = t.numpy().tobytes()
             self._ints[key][value] += 1
             self._int_values[key].setdefault(value, t)
+        self._int_max = None
         self._count += 1
 
     def subtract(self, state: Mapping[str, Tensor]) -> None:
@@ -134,6 +162,7 @@ class RunningSoup:
             if self._ints[key][value] == 0:
                 del self._ints[key][value]
                 del self._int_values[key][value]
+        self._int_max = None
         self._count -= 1
 
     def average(self) -> dict[str, Tensor]:
@@ -161,21 +190,23 @@ class RunningSoup:
         self._check(state)
         weight = 1.0 / (self._count + 1)
         if reuse and self._buffers is None:
-            self._buffers = [[torch.empty_like(m) for m in means] for _, means in self._groups]
+            self._buffers = [[torch.empty_like(m) for m in g.means] for g in self._groups]
         floating: dict[str, Tensor] = {}
-        for i, (keys, means) in enumerate(self._groups):
-            values = self._values(state, keys, means)
-            if reuse and means[0].device.type == "cpu":
-                # torch._foreach_lerp_ on the CPU is this same loop of lerp kernels
+        for i, group in enumerate(self._groups):
+            values = self._values(state, group.keys, group.means)
+            if reuse and group.means and group.means[0].device.type == "cpu":
+                # torch._foreach_lerp on the CPU is this same loop of lerp kernels
                 results = self._buffers[i]  # type: ignore[index]
-                for mean, value, out in zip(means, values, results, strict=True):
+                for mean, value, out in zip(group.means, values, results, strict=True):
                     torch.lerp(mean, value, weight, out=out)
             else:  # an accelerator's caching allocator makes fresh outputs cheap
-                results = torch._foreach_lerp(means, values, weight)
-            floating.update(zip(keys, results, strict=True))
-        for key, t in floating.items():
-            if t.dtype != self._specs[key].dtype:
-                floating[key] = t.to(self._specs[key].dtype)
+                results = _foreach_lerp(group.means, values, weight)
+            floating.update(zip(group.keys, results, strict=True))
+            small = self._values(state, group.small_keys, group.small_means)
+            small = _foreach_lerp(group.small_means, small, weight)
+            floating.update(zip(group.small_keys, small, strict=True))
+        for key in self._narrower:
+            floating[key] = floating[key].to(self._specs[key].dtype)
         return self._assemble(floating, state)
 
     # ------------------------------------------------------------ internals
@@ -184,7 +215,7 @@ class RunningSoup:
         return self.device if self.device is not None else t.device
 
     def _start(self, state: Mapping[str, Tensor]) -> None:
-        groups: dict[tuple[torch.dtype, torch.device], _Group] = {}
+        groups: dict[tuple[torch.dtype, torch.device], list[tuple[str, Tensor]]] = {}
         for key, t in state.items():
             if not isinstance(t, Tensor):
                 raise ValueError(f"tensor {key!r}: expected a torch.Tensor, got {type(t)}")
@@ -194,15 +225,26 @@ class RunningSoup:
             self._specs[key] = _Spec(t.shape, t.dtype, t.device, floating)
             if floating:
                 dtype = torch.promote_types(self.accum_dtype, t.dtype)
-                mean = t.detach().to(self._target_device(t), dtype, copy=True)
-                self._means[key] = mean
-                keys, means = groups.setdefault((mean.dtype, mean.device), ([], []))
-                keys.append(key)
-                means.append(mean)
+                groups.setdefault((dtype, self._target_device(t)), []).append((key, t))
             else:
                 self._ints[key] = Counter()
                 self._int_values[key] = {}
-        self._groups = list(groups.values())
+        for (dtype, device), members in groups.items():
+            group = _Group([], [], [], [])
+            for key, t in members:
+                mean = t.detach().to(device, dtype, copy=True)  # an exact copy to start
+                self._means[key] = mean
+                if t.dtype != dtype:
+                    self._narrower.append(key)
+                keys, means = (
+                    (group.keys, group.means)
+                    if t.numel() > BUFFER_NUMEL
+                    else (group.small_keys, group.small_means)
+                )
+                keys.append(key)
+                means.append(mean)
+            self._groups.append(group)
+        self._means = {k: self._means[k] for k in self._specs if k in self._means}
 
     def _check(self, state: Mapping[str, Tensor]) -> None:
         missing = [k for k in self._specs if k not in state]
@@ -219,38 +261,53 @@ class RunningSoup:
                 raise ValueError(
                     f"tensor {key!r}: shape {tuple(t.shape)} != soup's {tuple(spec.shape)}"
                 )
-            if _is_averaged(t) != spec.floating:
+            if t.is_floating_point() != spec.floating:
                 raise ValueError(f"tensor {key!r}: dtype {t.dtype} != soup's {spec.dtype}")
 
     @staticmethod
     def _values(state: Mapping[str, Tensor], keys: list[str], means: list[Tensor]) -> list[Tensor]:
         """The state's tensors on the means' device and dtype (no copy when they agree)."""
+        if not means:
+            return []
+        dtype, device = means[0].dtype, means[0].device
+        values = [state[k] for k in keys]
         return [
-            state[k].detach().to(device=m.device, dtype=m.dtype)
-            for k, m in zip(keys, means, strict=True)
+            v.detach().to(device=device, dtype=dtype)
+            if v.requires_grad or v.dtype != dtype or v.device != device
+            else v
+            for v in values
         ]
 
     def _lerp_(self, state: Mapping[str, Tensor], weight: float) -> None:
-        """``mean += weight * (state - mean)``, one foreach call per (dtype, device) group."""
-        for keys, means in self._groups:
-            torch._foreach_lerp_(means, self._values(state, keys, means), weight)
+        """``mean += weight * (state - mean)``, foreach calls per (dtype, device) group."""
+        for group in self._groups:
+            for keys, means in ((group.keys, group.means), (group.small_keys, group.small_means)):
+                if keys:
+                    torch._foreach_lerp_(means, self._values(state, keys, means), weight)
 
     def _assemble(
         self, floating: Mapping[str, Tensor], extra: Mapping[str, Tensor] | None
     ) -> dict[str, Tensor]:
         """The soup in key order: ``floating`` plus the integer maxima (with ``extra``'s)."""
-        out: dict[str, Tensor] = {}
-        for key, spec in self._specs.items():
-            if spec.floating:
-                out[key] = floating[key]
-                continue
-            values = list(self._int_values[key].values())
-            if extra is not None:
-                values.append(self._as_int(key, extra[key]))
-            stacked = torch.stack(values)
-            maximum = stacked.any(dim=0) if spec.dtype == torch.bool else stacked.amax(dim=0)
-            out[key] = maximum.to(self.device if self.device is not None else spec.device)
-        return out
+        if self._int_max is None:
+            self._int_max = {
+                key: _maximum(torch.stack(list(values.values())))
+                for key, values in self._int_values.items()
+            }
+        ints: dict[str, Tensor] = {}
+        if self._int_max:
+            keys, maxima = list(self._int_max), list(self._int_max.values())
+            if extra is None:
+                maxima = [m.clone() for m in maxima]  # never the cached maximum itself
+            else:  # one foreach call (max of bools is their or)
+                news = [extra[k].detach().to("cpu", self._specs[k].dtype) for k in keys]
+                maxima = list(torch._foreach_maximum(maxima, news))
+            for key, maximum in zip(keys, maxima, strict=True):
+                device = self.device if self.device is not None else self._specs[key].device
+                ints[key] = maximum.to(device)
+        return {
+            key: floating[key] if spec.floating else ints[key] for key, spec in self._specs.items()
+        }
 
     def _as_int(self, key: str, t: Tensor) -> Tensor:
         """A CPU copy in the first state's dtype, so equal values give equal bytes."""
