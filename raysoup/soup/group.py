@@ -11,7 +11,7 @@
   candidate is one load and one ``average_with`` (written into buffers reused from try
   to try). When an accepted newcomer changes the soup from the middle, the prefix sum is
   rebuilt from the checkpoints (one model in memory at a time).
-- Device: the running sums live on ``device`` (the soup maker's: on CUDA, the GPU);
+- Device: the running mean lives on ``device`` (the soup maker's: on CUDA, the GPU);
   checkpoints are loaded on the CPU and each tensor moves once per ``add`` or try.
 - Memory: the fp32 running mean, the trial weights, the network and at most
   ``max_models`` cached state dicts — whatever the number of trials.
