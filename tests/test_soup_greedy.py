@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import raysoup.soup.average as average_module
 from raysoup.soup import (
     ACCEPT,
     Candidate,
@@ -281,20 +282,48 @@ def test_running_soup_is_the_mean(dtype, accum_dtype):
     assert averaged["bn.num_batches_tracked"].item() == 28  # the maximum over ingredients
 
 
-def test_average_with_is_add_then_average_bit_for_bit_and_leaves_the_soup():
-    a, b, c = (_state(seed, batches=seed * 3) for seed in (4, 5, 6))
+@pytest.mark.parametrize("large", [0, 10, 1 << 14])  # all, some, no tensors "large"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_average_with_is_add_then_average_bit_for_bit_and_leaves_the_soup(
+    dtype, reuse, large, monkeypatch
+):
+    monkeypatch.setattr(average_module, "BUFFER_NUMEL", large)
+    a, b, c, d = (_state(seed, dtype, batches=seed * 3) for seed in (4, 5, 6, 7))
     soup = RunningSoup()
-    assert all(torch.equal(v, a[k]) for k, v in soup.average_with(a).items())
+    assert all(torch.equal(v, a[k]) for k, v in soup.average_with(a, reuse=reuse).items())
     soup.add(a)
     soup.add(b)
     before = soup.average()
-    tried = soup.average_with(c)
+    soup.average_with(d, reuse=reuse)  # an earlier try: its buffers are overwritten below
+    tried = soup.average_with(c, reuse=reuse)
     for key, value in soup.average().items():  # untouched
         assert torch.equal(value, before[key])
     soup.add(c)
     for key, value in soup.average().items():
+        assert value.dtype == dtype or key == "bn.num_batches_tracked"
         assert torch.equal(tried[key], value), key
     assert tried["bn.num_batches_tracked"].item() == 18
+    # the soup of the same states in the same order, from scratch: the same bits
+    for key, value in uniform_average([a, b, c]).items():
+        assert torch.equal(tried[key], value), key
+
+
+def test_average_with_reuse_writes_into_the_same_buffers(monkeypatch):
+    monkeypatch.setattr(average_module, "BUFFER_NUMEL", 10)  # fc.weight (8) is small
+    a, b, c = (_state(seed) for seed in (1, 2, 3))
+    soup = RunningSoup()
+    soup.add(a)
+    first = soup.average_with(b, reuse=True)
+    kept = {k: v.clone() for k, v in first.items()}
+    second = soup.average_with(c, reuse=True)
+    assert second["conv.weight"].data_ptr() == first["conv.weight"].data_ptr()
+    assert not torch.equal(first["conv.weight"], kept["conv.weight"])  # overwritten
+    assert torch.equal(first["fc.weight"], kept["fc.weight"])  # small: new tensors
+    fresh = soup.average_with(b)  # reuse=False: new tensors
+    assert fresh["conv.weight"].data_ptr() != second["conv.weight"].data_ptr()
+    assert all(torch.equal(fresh[k], v) for k, v in kept.items())
+    assert soup.average()["conv.weight"].data_ptr() != soup.average()["conv.weight"].data_ptr()
 
 
 def test_subtract_undoes_add():

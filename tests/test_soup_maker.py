@@ -69,6 +69,7 @@ def test_streaming_soup_equals_batch_recipe_1_in_any_arrival_order(trials, tmp_p
         maker = _maker(tmp_path / f"order{i}", trials)
         maker.offer(order)
         group = maker.groups[KEY]
+        assert group.device == maker.device  # the group's running sums live there
         assert group.greedy.ingredients == expected
         assert [d.accepted for d in group.greedy.decisions] == [d.accepted for d in reference]
         soups = _soups(tmp_path / f"order{i}")

@@ -3,9 +3,11 @@
 Side by side, in one process, interleaved round by round (a noisy machine slows all of
 them alike), the median time of one merge for:
 
-- raysoup's ``RunningSoup.add`` (one ``torch._foreach_add_`` per dtype/device group into
-  an fp64 running sum, the default; and with an fp32 sum), and ``RunningSoup.average_with``
-  (the weights of soup + candidate that a greedy-soup trial evaluates);
+- raysoup's ``RunningSoup.add`` (one in-place ``torch._foreach_lerp_`` per dtype/device
+  group into the fp32 running mean, the default; and with ``accum_dtype=float64``), and
+  the greedy try ``RunningSoup.average_with(new, reuse=True)`` (the weights of soup +
+  candidate that a greedy-soup trial evaluates, written into buffers kept between tries,
+  as ``GroupSoup`` does), also with ``reuse=False`` (new tensors each time);
 - the per-key dict averaging of the reference scripts, copied as they write it:
   DiWA / ModelRatatouille ``WA.add_weights``
   (``domainbed/algorithms_inference.py``: ``param_k.data = (param_k.data * global_count +
@@ -123,10 +125,10 @@ def contenders(state: State, new: State, device: torch.device) -> list[Contender
     """Every merge to time, each a closure doing exactly one merge of ``new``."""
     from raysoup.soup.average import RunningSoup
 
-    soup64 = RunningSoup(device=device)
-    soup32 = RunningSoup(accum_dtype=torch.float32, device=device)
+    soup32 = RunningSoup(device=device)
+    soup64 = RunningSoup(accum_dtype=torch.float64, device=device)
     trial = RunningSoup(device=device)
-    for soup in (soup64, soup32, trial):
+    for soup in (soup32, soup64, trial):
         soup.add(state)
     diwa = floating(state)
     float_new = floating(new)
@@ -155,18 +157,27 @@ def contenders(state: State, new: State, device: torch.device) -> list[Contender
             lambda: torch._foreach_copy_(copy_dst, copy_src),
         ),
         Contender(
-            "raysoup RunningSoup.add (fp64 sum)", "raysoup", "default", lambda: soup64.add(new)
-        ),
-        Contender(
-            "raysoup RunningSoup.add (fp32 sum)",
+            "raysoup RunningSoup.add (fp32 mean)",
             "raysoup",
-            "accum_dtype=float32",
+            "default: _foreach_lerp_ in place",
             lambda: soup32.add(new),
         ),
         Contender(
-            "raysoup RunningSoup.average_with",
+            "raysoup RunningSoup.add (fp64 mean)",
             "raysoup",
-            "greedy trial weights",
+            "accum_dtype=float64",
+            lambda: soup64.add(new),
+        ),
+        Contender(
+            "raysoup greedy try (average_with reuse)",
+            "raysoup",
+            "average_with(new, reuse=True), as GroupSoup tries",
+            lambda: trial.average_with(new, reuse=True),
+        ),
+        Contender(
+            "raysoup average_with (new tensors)",
+            "raysoup",
+            "average_with(new), reuse=False",
             lambda: trial.average_with(new),
         ),
         Contender("DiWA/Ratatouille add_weights", "reference", DIWA, diwa_merge),

@@ -4,7 +4,7 @@ Each measurement runs in a fresh process and reports its peak resident memory
 (``ru_maxrss``) while it soups N ResNet-18 trials (43 MB each in fp32) of one group and
 writes the erm / uniform / greedy soups, with the same ID-val scorer every way:
 
-- ``raysoup``: the ``SoupMaker`` the soup actor runs (running fp64 sum, at most
+- ``raysoup``: the ``SoupMaker`` the soup actor runs (running fp32 mean, at most
   ``--max-models`` cached checkpoints): should cost the same whatever N;
 - ``posthoc-all``: the reference post-hoc style that first loads every candidate
   (model soups' ``learned_bylayer.py``: ``sds = [torch.load(cp, map_location='cpu') for cp

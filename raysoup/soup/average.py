@@ -1,4 +1,4 @@
-"""Uniform averaging of state dicts, kept as a running sum so ingredients can come and go.
+"""Uniform averaging of state dicts, kept as a running mean so ingredients can come and go.
 
 Policy (the reference averages parameters and keeps the first model's buffers; raysoup
 decides explicitly):
@@ -11,9 +11,33 @@ decides explicitly):
   subtraction, so every distinct value is kept with a multiplicity; these buffers are tiny
   and the number of distinct values is bounded by the number of ingredients.
 
-Sums live in ``accum_dtype`` (float64 by default, promoted if a tensor is wider) on
-``device`` (default: each tensor's own device), and are updated with ``torch._foreach_*``
-ops over tensors grouped by dtype and device, as ``torch.optim.swa_utils`` does.
+Arithmetic. The soup holds the running *mean* of its ``n`` ingredients — the running sum
+scaled by ``1/n`` — and adds the ``n+1``-th with one ``lerp``:
+``mean <- mean + (x - mean) / (n+1)`` (``torch._foreach_lerp_``, as
+``torch.optim.swa_utils`` updates its averaged model). The first ingredient is copied
+exactly. This makes both hot paths a single pass over the bytes, within a small factor of
+a plain copy (``experiments/bench/merge_throughput.py``):
+
+- ``add`` updates the mean in place (no temporaries, no dtype conversion when the state
+  already has the mean's dtype);
+- ``average_with`` — the weights of a greedy try, soup + candidate — is the same ``lerp``
+  written elsewhere: with ``reuse=True`` into buffers the soup keeps between tries. A
+  sum would need a second pass (``(sum + x) / (n+1)``) and, for fp64, twice the bytes.
+
+Accumulation dtype: **float32** by default (promoted if a tensor is wider, e.g. float64
+stays float64; float16/bfloat16 states are averaged in float32). Bit-identical soups do
+not need a wider type: the result of a sequence of elementwise IEEE operations depends
+only on their order, and the callers (``raysoup.soup.group``) always add ingredients in
+rank order, whatever order they arrived in. So a given ingredient set gives the same bits
+on a given device and build; ``average_with(x)`` gives exactly the bits of ``add(x)``
+then ``average()``; and ``uniform_average`` of the same states in the same order gives the
+same bits as well. float64 would only shave rounding error far below the spread between
+fine-tuned ingredients (fp32 mean of ``n`` models: relative error about ``n * 6e-8`` at
+worst) while moving 2.5x the bytes of a copy on every merge. Pass
+``accum_dtype=torch.float64`` to get it anyway.
+
+Device: the means live on ``device`` (default: each tensor's own device); states may
+live anywhere (checkpoints are loaded on the CPU) and each tensor moves once per merge.
 """
 
 from __future__ import annotations
@@ -25,6 +49,22 @@ from dataclasses import dataclass
 import torch
 
 Tensor = torch.Tensor
+BUFFER_NUMEL = 1 << 14  # greedy tries write tensors larger than this into kept buffers
+
+
+@dataclass
+class _Group:
+    """The means of one dtype and device, large tensors and small ones apart.
+
+    A greedy try on the CPU writes each large tensor into a buffer kept between tries
+    (``torch.lerp(..., out=)``: a fresh 100 MB would cost page faults on every try) and
+    the small ones with one ``torch._foreach_lerp`` (a loop in C++, no Python per tensor).
+    """
+
+    keys: list[str]
+    means: list[Tensor]
+    small_keys: list[str]
+    small_means: list[Tensor]
 
 
 @dataclass(frozen=True)
@@ -41,11 +81,20 @@ def _is_averaged(t: Tensor) -> bool:
     return t.is_floating_point()
 
 
+def _foreach_lerp(means: list[Tensor], values: list[Tensor], weight: float) -> list[Tensor]:
+    return list(torch._foreach_lerp(means, values, weight)) if means else []
+
+
+def _maximum(stacked: Tensor) -> Tensor:
+    """The elementwise maximum over the first dimension (``any`` for bool)."""
+    return stacked.any(dim=0) if stacked.dtype == torch.bool else stacked.amax(dim=0)
+
+
 class RunningSoup:
-    """A running sum and count over state dicts; ``average()`` is their uniform soup."""
+    """A running mean and count over state dicts; ``average()`` is their uniform soup."""
 
     def __init__(
-        self, accum_dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+        self, accum_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
     ) -> None:
         if not accum_dtype.is_floating_point:
             raise ValueError(f"accum_dtype must be floating point, got {accum_dtype}")
@@ -56,9 +105,14 @@ class RunningSoup:
     def clear(self) -> None:
         """Forget every ingredient (the next ``add`` defines the keys and shapes again)."""
         self._specs: dict[str, _Spec] = {}
-        self._sums: dict[str, Tensor] = {}
+        self._means: dict[str, Tensor] = {}
+        self._narrower: list[str] = []  # keys whose state dtype is narrower than the mean's
+        self._groups: list[_Group] = []
+        # average_with(reuse=True) writes each group's large tensors here
+        self._buffers: list[list[Tensor]] | None = None
         self._ints: dict[str, Counter[bytes]] = {}
         self._int_values: dict[str, dict[bytes, Tensor]] = {}
+        self._int_max: dict[str, Tensor] | None = None  # of _int_values, cached
         self._count = 0
 
     @property
@@ -71,21 +125,26 @@ class RunningSoup:
     # ------------------------------------------------------------ updates
 
     def add(self, state: Mapping[str, Tensor]) -> None:
-        """Add one ingredient."""
+        """Add one ingredient: one in-place ``lerp`` per (dtype, device) group."""
         if self._count == 0:
-            self._start(state)
+            self._start(state)  # the means start as exact copies of this state
         else:
             self._check(state)
-        self._accumulate(state, alpha=1.0)
+            self._lerp_(state, 1.0 / (self._count + 1))
         for key in self._ints:
             t = self._as_int(key, state[key])
             value = t.numpy().tobytes()
             self._ints[key][value] += 1
             self._int_values[key].setdefault(value, t)
+        self._int_max = None
         self._count += 1
 
     def subtract(self, state: Mapping[str, Tensor]) -> None:
-        """Remove one ingredient previously added (integer buffers must match one exactly)."""
+        """Remove one ingredient previously added (integer buffers must match one exactly).
+
+        Approximate for the floating tensors (rounding does not undo exactly): to try a
+        candidate, use ``average_with``.
+        """
         if self._count == 0:
             raise ValueError("cannot subtract from an empty soup")
         self._check(state)
@@ -96,61 +155,59 @@ class RunningSoup:
         if self._count == 1:
             self.clear()
             return
-        self._accumulate(state, alpha=-1.0)
+        # mean_{n-1} = (n * mean_n - x) / (n - 1) = mean_n + (x - mean_n) * (-1 / (n - 1))
+        self._lerp_(state, -1.0 / (self._count - 1))
         for key, value in values.items():
             self._ints[key][value] -= 1
             if self._ints[key][value] == 0:
                 del self._ints[key][value]
                 del self._int_values[key][value]
+        self._int_max = None
         self._count -= 1
 
     def average(self) -> dict[str, Tensor]:
-        """The uniform soup, each tensor in its original dtype and key order."""
+        """The uniform soup (new tensors), each in its original dtype and key order."""
         if self._count == 0:
             raise ValueError("cannot average an empty soup")
-        keys = list(self._sums)
-        means = torch._foreach_div([self._sums[k] for k in keys], float(self._count))
-        averaged = dict(zip(keys, means, strict=True))
-        out: dict[str, Tensor] = {}
-        for key, spec in self._specs.items():
-            if spec.floating:
-                out[key] = averaged[key].to(spec.dtype)
-            else:
-                stacked = torch.stack(list(self._int_values[key].values()))
-                maximum = stacked.any(dim=0) if spec.dtype == torch.bool else stacked.amax(dim=0)
-                out[key] = maximum.to(self.device if self.device is not None else spec.device)
-        return out
+        return self._assemble(
+            {k: m.to(self._specs[k].dtype, copy=True) for k, m in self._means.items()}, None
+        )
 
-    def average_with(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def average_with(
+        self, state: Mapping[str, Tensor], *, reuse: bool = False
+    ) -> dict[str, Tensor]:
         """The uniform soup of the ingredients *plus* ``state``, leaving this soup as it is.
 
-        This is how a candidate is tried: a subtraction afterwards would not restore the
-        sums bit for bit (floating-point addition does not undo exactly).
+        This is how a candidate is tried; the result has exactly the bits that ``add(state)``
+        then ``average()`` would give. With ``reuse=True`` the floating tensors are written
+        into buffers this soup keeps and overwrites on the next ``reuse=True`` call (no
+        allocation per try): use the result before trying again, or copy it.
         """
         if self._count == 0:
             trial = RunningSoup(self.accum_dtype, self.device)
             trial.add(state)
             return trial.average()
         self._check(state)
-        keys = list(self._sums)
-        values = [
-            state[k].detach().to(device=self._sums[k].device, dtype=self._sums[k].dtype)
-            for k in keys
-        ]
-        totals = torch._foreach_add([self._sums[k] for k in keys], values)
-        torch._foreach_div_(totals, float(self._count + 1))
-        averaged = dict(zip(keys, totals, strict=True))
-        out: dict[str, Tensor] = {}
-        for key, spec in self._specs.items():
-            if spec.floating:
-                out[key] = averaged[key].to(spec.dtype)
-            else:
-                stacked = torch.stack(
-                    [*self._int_values[key].values(), self._as_int(key, state[key])]
-                )
-                maximum = stacked.any(dim=0) if spec.dtype == torch.bool else stacked.amax(dim=0)
-                out[key] = maximum.to(self.device if self.device is not None else spec.device)
-        return out
+        weight = 1.0 / (self._count + 1)
+        if reuse and self._buffers is None:
+            self._buffers = [[torch.empty_like(m) for m in g.means] for g in self._groups]
+        floating: dict[str, Tensor] = {}
+        for i, group in enumerate(self._groups):
+            values = self._values(state, group.keys, group.means)
+            if reuse and group.means and group.means[0].device.type == "cpu":
+                # torch._foreach_lerp on the CPU is this same loop of lerp kernels
+                results = self._buffers[i]  # type: ignore[index]
+                for mean, value, out in zip(group.means, values, results, strict=True):
+                    torch.lerp(mean, value, weight, out=out)
+            else:  # an accelerator's caching allocator makes fresh outputs cheap
+                results = _foreach_lerp(group.means, values, weight)
+            floating.update(zip(group.keys, results, strict=True))
+            small = self._values(state, group.small_keys, group.small_means)
+            small = _foreach_lerp(group.small_means, small, weight)
+            floating.update(zip(group.small_keys, small, strict=True))
+        for key in self._narrower:
+            floating[key] = floating[key].to(self._specs[key].dtype)
+        return self._assemble(floating, state)
 
     # ------------------------------------------------------------ internals
 
@@ -158,6 +215,7 @@ class RunningSoup:
         return self.device if self.device is not None else t.device
 
     def _start(self, state: Mapping[str, Tensor]) -> None:
+        groups: dict[tuple[torch.dtype, torch.device], list[tuple[str, Tensor]]] = {}
         for key, t in state.items():
             if not isinstance(t, Tensor):
                 raise ValueError(f"tensor {key!r}: expected a torch.Tensor, got {type(t)}")
@@ -167,10 +225,26 @@ class RunningSoup:
             self._specs[key] = _Spec(t.shape, t.dtype, t.device, floating)
             if floating:
                 dtype = torch.promote_types(self.accum_dtype, t.dtype)
-                self._sums[key] = torch.zeros(t.shape, dtype=dtype, device=self._target_device(t))
+                groups.setdefault((dtype, self._target_device(t)), []).append((key, t))
             else:
                 self._ints[key] = Counter()
                 self._int_values[key] = {}
+        for (dtype, device), members in groups.items():
+            group = _Group([], [], [], [])
+            for key, t in members:
+                mean = t.detach().to(device, dtype, copy=True)  # an exact copy to start
+                self._means[key] = mean
+                if t.dtype != dtype:
+                    self._narrower.append(key)
+                keys, means = (
+                    (group.keys, group.means)
+                    if t.numel() > BUFFER_NUMEL
+                    else (group.small_keys, group.small_means)
+                )
+                keys.append(key)
+                means.append(mean)
+            self._groups.append(group)
+        self._means = {k: self._means[k] for k in self._specs if k in self._means}
 
     def _check(self, state: Mapping[str, Tensor]) -> None:
         missing = [k for k in self._specs if k not in state]
@@ -187,18 +261,53 @@ class RunningSoup:
                 raise ValueError(
                     f"tensor {key!r}: shape {tuple(t.shape)} != soup's {tuple(spec.shape)}"
                 )
-            if _is_averaged(t) != spec.floating:
+            if t.is_floating_point() != spec.floating:
                 raise ValueError(f"tensor {key!r}: dtype {t.dtype} != soup's {spec.dtype}")
 
-    def _accumulate(self, state: Mapping[str, Tensor], alpha: float) -> None:
-        """``sums += alpha * state`` with one foreach call per (dtype, device) group."""
-        groups: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
-        for key, total in self._sums.items():
-            sums, values = groups.setdefault((total.dtype, total.device), ([], []))
-            sums.append(total)
-            values.append(state[key].detach().to(device=total.device, dtype=total.dtype))
-        for sums, values in groups.values():
-            torch._foreach_add_(sums, values, alpha=alpha)
+    @staticmethod
+    def _values(state: Mapping[str, Tensor], keys: list[str], means: list[Tensor]) -> list[Tensor]:
+        """The state's tensors on the means' device and dtype (no copy when they agree)."""
+        if not means:
+            return []
+        dtype, device = means[0].dtype, means[0].device
+        values = [state[k] for k in keys]
+        return [
+            v.detach().to(device=device, dtype=dtype)
+            if v.requires_grad or v.dtype != dtype or v.device != device
+            else v
+            for v in values
+        ]
+
+    def _lerp_(self, state: Mapping[str, Tensor], weight: float) -> None:
+        """``mean += weight * (state - mean)``, foreach calls per (dtype, device) group."""
+        for group in self._groups:
+            for keys, means in ((group.keys, group.means), (group.small_keys, group.small_means)):
+                if keys:
+                    torch._foreach_lerp_(means, self._values(state, keys, means), weight)
+
+    def _assemble(
+        self, floating: Mapping[str, Tensor], extra: Mapping[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        """The soup in key order: ``floating`` plus the integer maxima (with ``extra``'s)."""
+        if self._int_max is None:
+            self._int_max = {
+                key: _maximum(torch.stack(list(values.values())))
+                for key, values in self._int_values.items()
+            }
+        ints: dict[str, Tensor] = {}
+        if self._int_max:
+            keys, maxima = list(self._int_max), list(self._int_max.values())
+            if extra is None:
+                maxima = [m.clone() for m in maxima]  # never the cached maximum itself
+            else:  # one foreach call (max of bools is their or)
+                news = [extra[k].detach().to("cpu", self._specs[k].dtype) for k in keys]
+                maxima = list(torch._foreach_maximum(maxima, news))
+            for key, maximum in zip(keys, maxima, strict=True):
+                device = self.device if self.device is not None else self._specs[key].device
+                ints[key] = maximum.to(device)
+        return {
+            key: floating[key] if spec.floating else ints[key] for key, spec in self._specs.items()
+        }
 
     def _as_int(self, key: str, t: Tensor) -> Tensor:
         """A CPU copy in the first state's dtype, so equal values give equal bytes."""
@@ -206,7 +315,7 @@ class RunningSoup:
 
 
 def uniform_average(states: Iterable[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """The uniform soup of ``states``, holding one running sum rather than every model."""
+    """The uniform soup of ``states``, holding one running mean rather than every model."""
     soup = RunningSoup()
     for state in states:
         soup.add(state)

@@ -8,10 +8,12 @@
   accuracy — in a run that restarted, in a post-hoc run, or in an undisturbed one.
 - Recipe 1 only ever tries ``soup + candidate`` where every soup member ranks above the
   candidate, so the running sum of the current soup is a rank-order *prefix*: trying a
-  candidate is one load and one ``average_with``. When an accepted newcomer changes the
-  soup from the middle, the prefix sum is rebuilt from the checkpoints (one model in
-  memory at a time).
-- Memory: the fp64 running sum, the trial average, the network and at most
+  candidate is one load and one ``average_with`` (written into buffers reused from try
+  to try). When an accepted newcomer changes the soup from the middle, the prefix sum is
+  rebuilt from the checkpoints (one model in memory at a time).
+- Device: the running mean lives on ``device`` (the soup maker's: on CUDA, the GPU);
+  checkpoints are loaded on the CPU and each tensor moves once per ``add`` or try.
+- Memory: the fp32 running mean, the trial weights, the network and at most
   ``max_models`` cached state dicts — whatever the number of trials.
 - Every load checks the checkpoint's content hash against the hash the trial was offered
   with: a checkpoint replaced after it was offered raises ``StaleCheckpoint``, and the
@@ -154,14 +156,16 @@ class GroupSoup:
         accept: str = "ge",
         states: StateCache | None = None,
         memo: Mapping[frozenset[Item], float] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.key = key
+        self.device = torch.device(device) if device is not None else None
         self._score = score
         self.states = states if states is not None else StateCache()
         self.offers: dict[str, Offer] = {}
         self.greedy = StreamingGreedy(self._evaluate, accept=accept, memo=memo)
         self._prefix: list[Item] = []
-        self._prefix_sum = RunningSoup()
+        self._prefix_sum = RunningSoup(device=self.device)
 
     # ------------------------------------------------------------ offers
 
@@ -200,34 +204,41 @@ class GroupSoup:
         """Make the running sum hold exactly ``wanted`` (a rank-ordered list)."""
         items = self._items(wanted)
         if self._prefix != items[: len(self._prefix)]:
-            self._prefix, self._prefix_sum = [], RunningSoup()
+            self._prefix = []
+            self._prefix_sum.clear()
         for offer in wanted[len(self._prefix) :]:
             self._prefix_sum.add(self.states.load(offer))
             self._prefix.append((offer.trial_id, offer.content_hash))
 
-    def average(self, trial_ids: list[str] | set[str] | frozenset[str]) -> State:
-        """The uniform average of these trials' weights, summed in rank order."""
+    def average(
+        self, trial_ids: list[str] | set[str] | frozenset[str], *, reuse: bool = False
+    ) -> State:
+        """The uniform average of these trials' weights, summed in rank order.
+
+        ``reuse=True`` (the greedy tries, scored at once) writes the weights into buffers
+        that the next ``reuse=True`` call overwrites, instead of allocating new ones.
+        """
         wanted = [o for o in self.ranked() if o.trial_id in trial_ids]
         if len(wanted) != len(set(trial_ids)):
             unknown = sorted(set(trial_ids) - {o.trial_id for o in wanted})
             raise ValueError(f"{self.key.slug}: unknown trials {unknown}")
         *head, last = wanted
         self._sync_prefix(head)
-        return self._prefix_sum.average_with(self.states.load(last))
+        return self._prefix_sum.average_with(self.states.load(last), reuse=reuse)
 
     def _evaluate(self, trial_ids: frozenset[str]) -> float:
-        return self._score(self.average(trial_ids))
+        return self._score(self.average(trial_ids, reuse=True))
 
     def uniform_average(self) -> State:
         """Every trial of the group, summed in rank order with one model in memory."""
-        total = RunningSoup()
+        total = RunningSoup(device=self.device)
         for offer in self.ranked():
             total.add(self.states.load(offer))
         return total.average()
 
     def release(self) -> None:
         """Drop cached weights (the group is final, or idle)."""
-        self._prefix, self._prefix_sum = [], RunningSoup()
+        self._prefix, self._prefix_sum = [], RunningSoup(device=self.device)
         self.states.clear()
 
 

@@ -192,7 +192,9 @@ class SoupMaker:
             return self.evaluator(key).id_val_acc(state)
 
         states = StateCache(self.max_models)
-        group = GroupSoup(key, score, accept=self.accept, states=states, memo=memo)
+        group = GroupSoup(
+            key, score, accept=self.accept, states=states, memo=memo, device=self.device
+        )
         self.groups[key] = group
         return group
 
