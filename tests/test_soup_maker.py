@@ -200,9 +200,9 @@ def test_a_replaced_checkpoint_is_noticed_by_its_content_hash(
 
 
 def test_accept_gt_never_takes_a_tie_and_bad_options_are_refused(trials, tmp_path) -> None:
-    ge = _maker(tmp_path / "ge", trials)
+    ge = _maker(tmp_path / "ge", trials, methods=("erm", "greedy"))
     ge.offer(trials)
-    gt = _maker(tmp_path / "gt", trials, accept="gt")
+    gt = _maker(tmp_path / "gt", trials, accept="gt", methods=("erm", "greedy"))
     gt.offer(trials)
     steps = load_results(tmp_path / "gt")["soup_steps"].sort_values("rank")
     previous = None
@@ -251,7 +251,7 @@ def test_uniform_all_waits_for_every_trial_seed_then_averages_them_all(
     seed1 = []
     for h in range(2):  # two real trials of trial seed 1 (other splits)
         path = tmp_path / "ckpt" / f"s1-h{h}"
-        train_target(path, h, base_checkpoint, trial_seed=1)
+        train_target(path, h, base_checkpoint, steps=10, trial_seed=1)
         seed1.append(Offer.from_checkpoint(f"s1-h{h}", path))
     seed0 = trials[:2]
     key1 = GroupKey(TARGET, 5, 1, "pretrained")
