@@ -1,9 +1,11 @@
 """The auxiliary pool of model ratatouille over DomainBed datasets, on Ray Tune.
 
-Fine-tunes the pretrained network (ImageNet ResNet-50 by default) on all envs of each
-auxiliary dataset (no held-out env; the last step is kept), --n-hparams runs per dataset,
-under <storage>/<name>/checkpoints/aux/aux-<dataset>-h<seed>/. By default the pool
-covers all five datasets: VLCS, PACS, OfficeHome, TerraIncognita, DomainNet.
+Per auxiliary dataset, as ModelRatatouille's sweep.py: a linear probe on all envs
+(checkpoints/lp/lp-<dataset>-all/; --no-aux-lp skips it), then --n-hparams (4) fine-tunings
+of the pretrained network (ImageNet ResNet-50 by default) on all envs, from that head, all
+parameters trainable (no held-out env; the last step is kept), under
+<storage>/<name>/checkpoints/aux/aux-<dataset>-h<seed>/. By default the pool covers all
+five datasets: VLCS, PACS, OfficeHome, TerraIncognita, DomainNet.
 
 Every target sweep then borrows it (the target's own dataset is never lent):
     python experiments/domainbed_sweep.py --dataset PACS --aux-pool <storage>/<name> ...
@@ -53,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auxiliary datasets (default: all five)",
     )
     add("--data-dir", required=True, type=Path, help="DomainBed data root (every node sees it)")
-    add("--n-hparams", type=int, default=1, help="auxiliary runs per dataset (hparams seeds)")
+    add("--n-hparams", type=int, default=4, help="auxiliary runs per dataset (hparams seeds)")
     add("--steps", type=int, default=None, help="steps per run (default: DomainBed's)")
+    add("--lp-steps", type=int, default=None, help="linear-probe steps (default: DomainBed's)")
     add("--storage", default="runs", help="shared path every node sees")
     add("--name", default="domainbed-aux-pool", help="experiment name")
     add_run_options(parser)
@@ -70,6 +73,7 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         "aux_datasets": args.datasets,
         "aux_n_hparams": args.n_hparams,
         "aux_steps": args.steps,
+        "lp_stage_steps": args.lp_steps,
         **run_option_values(args),
     }
     config = from_mapping(SweepConfig, values, "domainbed_aux_pool.py").validate()

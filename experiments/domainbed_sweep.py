@@ -1,9 +1,12 @@
 """Ratatouille / model soups target sweep on one DomainBed dataset, on Ray Tune.
 
 Stages under <storage>/<name>/ (each a Tune experiment; the same command again resumes):
-one linear probe per (test env, trial seed); the auxiliary pool (one fine-tuning on all
-envs of each auxiliary dataset), unless --aux-pool lends one; then the target sweep,
-n_hparams x trial seeds x test envs x inits (pretrained, ratatouille, fusing).
+one linear probe per test env, on trial seed 0, shared by every trial seed
+(--lp-per-trial-seed: one per (test env, trial seed)), and one per auxiliary dataset; the
+auxiliary pool (--aux-n-hparams fine-tunings on all envs of each auxiliary dataset), unless
+--aux-pool lends one; then the target sweep, n_hparams x trial seeds x test envs x inits
+(pretrained, ratatouille, fusing), each run keeping its best ID-val evaluation
+(--target-keep last: its last).
 
 Locally:
     python experiments/domainbed_sweep.py --dataset PACS --data-dir /data/domainbed \
@@ -80,7 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(DATASETS),
         help="auxiliary datasets (default: the four DomainBed datasets other than --dataset)",
     )
-    add("--aux-n-hparams", type=int, default=1, help="auxiliary runs per auxiliary dataset")
+    add("--aux-n-hparams", type=int, default=4, help="auxiliary runs per auxiliary dataset")
+    add(
+        "--target-keep",
+        default="best",
+        choices=["best", "last"],
+        help="the evaluation a target run keeps: best ID-val (reference) or last",
+    )
+    add(
+        "--lp-per-trial-seed",
+        action="store_true",
+        help="one LP per (test env, trial seed) instead of one shared per test env",
+    )
     add(
         "--aux-pool",
         type=Path,
@@ -134,6 +148,8 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         "aux_steps": args.aux_steps,
         "lp_stage_steps": args.lp_steps,
         "fusing_range": args.fusing_range,
+        "target_keep": args.target_keep,
+        "lp_per_trial_seed": args.lp_per_trial_seed,
         **run_option_values(args),
     }
     config = from_mapping(SweepConfig, values, "domainbed_sweep.py").validate()

@@ -121,11 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     soup = commands.add_parser(
         "soup",
         help="recompute a sweep's soups from its trial checkpoints (no retraining)",
-        description="Post-hoc soups: rebuild the erm/uniform/greedy soups of a finished (or "
-        "partial) sweep from its target trial checkpoints, replacing its soups rows.",
+        description="Post-hoc soups: rebuild the erm/uniform/greedy/uniform_all/ensemble rows "
+        "of a finished (or partial) sweep from its target trial checkpoints, replacing its "
+        "soups rows.",
     )
     soup.add_argument("path", help="the sweep folder <storage>/<name>")
-    soup.add_argument("--method", default="all", choices=["all", "greedy", "uniform"])
+    soup.add_argument(
+        "--method",
+        default="all",
+        choices=["all", "greedy", "uniform", "uniform_all", "ensemble"],
+        help="which soups to recompute (erm always comes along); default: all",
+    )
     soup.add_argument(
         "--accept", default=None, choices=["ge", "gt"], help="default: the sweep's soup_accept"
     )

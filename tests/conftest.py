@@ -64,17 +64,23 @@ def base_checkpoint(raysoup_cache: Path) -> Path:
 N_SOUP_TRIALS = 6
 
 
-def _train_target(out: Path, hparams_seed: int, base: Path, steps: int = 30) -> None:
-    """One short real target trial of MiniRotatedMNIST (test env 5, trial seed 0)."""
+def _train_target(
+    out: Path, hparams_seed: int, base: Path, steps: int = 30, trial_seed: int = 0
+) -> None:
+    """One short real target trial of MiniRotatedMNIST (test env 5): one evaluation, at
+    the end, whose weights it keeps (soup tests want trained trials, cheaply)."""
     from raysoup.training.trainer import RunSpec, train_run
 
     spec = RunSpec(
         dataset="MiniRotatedMNIST",
         out=out,
         test_env=5,
+        trial_seed=trial_seed,
         hparams_seed=hparams_seed,
         steps=steps,
         checkpoint_freq=steps,
+        eval_schedule="multiples",
+        keep="last",
         hparams={"lp_steps": 0},
         pretrained=base,
         device="cpu",
@@ -98,7 +104,8 @@ def soup_trials(tmp_path_factory: pytest.TempPathFactory, base_checkpoint: Path)
 
 @pytest.fixture(scope="session")
 def train_target() -> Callable[..., None]:
-    """``train_target(out, hparams_seed, base, steps=30)``: one short real target trial."""
+    """``train_target(out, hparams_seed, base, steps=30, trial_seed=0)``: one short real
+    target trial."""
     return _train_target
 
 

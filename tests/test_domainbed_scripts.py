@@ -43,6 +43,8 @@ def _load(path: Path) -> ModuleType:
         (SWEEP, ["--dataset", "Nope"], r"invalid choice: 'Nope'"),
         (POOL, ["--datasets", "PACS", "--n-hparams", "-1"], r"aux_n_hparams=-1"),
         (POOL, ["--datasets", "PACS", "--steps", "0"], r"aux_steps=0"),
+        (POOL, ["--datasets", "PACS", "--lp-steps", "0"], r"lp_stage_steps=0"),
+        (SWEEP, ["--dataset", "PACS", "--target-keep", "first"], r"invalid choice: 'first'"),
         (POOL, ["--datasets", "DomainNet"], r"domain_net does not exist"),
     ],
 )

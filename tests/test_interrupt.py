@@ -22,6 +22,8 @@ steps: 40
 aux_steps: 20
 lp_stage_steps: 20
 checkpoint_freq: 20
+aux_n_hparams: 1
+aux_lp: false
 """
 
 
@@ -84,7 +86,7 @@ def _soup_rows(storage: Path) -> pd.DataFrame:
     """The soups: one row per method and init, each exactly once."""
     soups = pd.read_parquet(storage / "interrupt" / "results" / "soups")
     assert not soups.duplicated(["method", "init"]).any()
-    assert len(soups) == 9
+    assert len(soups) == 5 * 3  # erm, uniform, greedy, uniform_all, ensemble x 3 inits
     steps = pd.read_parquet(storage / "interrupt" / "results" / "soup_steps")
     assert steps.trial_id.is_unique and len(steps) == 6
     soups["ingredients"] = soups.ingredients.map(tuple)

@@ -238,7 +238,8 @@ def test_pool_then_job_submitted_sweep_on_both_nodes(
     storage = tmp_path / "shared"
     # 1. The auxiliary pool, its driver run on the head as `ray submit ... -- --address`
     #    would (an explicit address: `auto` would also see other Ray instances here).
-    pool_args = ["--datasets", "VLCS", "--steps", "2", "--name", "pool"]
+    pool_args = ["--datasets", "VLCS", "--steps", "2", "--lp-steps", "2", "--n-hparams", "1"]
+    pool_args += ["--name", "pool"]
     pool_run = subprocess.run(
         [sys.executable, str(POOL), *pool_args, *common, "--address", cluster.gcs],
         env=cluster.env,
@@ -248,8 +249,9 @@ def test_pool_then_job_submitted_sweep_on_both_nodes(
     )
     assert pool_run.returncode == 0, f"{pool_run.stderr[-4000:]}\n{cluster.log_tails()}"
     assert "Started a local Ray instance" not in pool_run.stderr
-    pool = load_results(storage / "pool")["trials"]
-    assert pool.trial_id.tolist() == ["aux-VLCS-h0"] and pool.test_env.tolist() == [-1]
+    pool = load_results(storage / "pool")["trials"].sort_values("trial_id")
+    assert pool.trial_id.tolist() == ["aux-VLCS-h0", "lp-VLCS-all"]  # the aux LP, then its run
+    assert pool.test_env.tolist() == [-1, -1]
 
     # 2. The target sweep, borrowing the pool, submitted with the real job client.
     job_id = f"raysoup-{uuid.uuid4().hex[:8]}"
@@ -260,6 +262,7 @@ def test_pool_then_job_submitted_sweep_on_both_nodes(
         "--n-hparams", "1",
         "--trial-seeds", "0",
         "--aux-datasets", "VLCS",
+        "--aux-n-hparams", "1",
         "--aux-pool", str(storage / "pool"),
         "--steps", "2",
         "--lp-steps", "2",

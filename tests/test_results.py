@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,9 @@ def test_bad_part_keys_and_kinds_are_refused(tmp_path: Path) -> None:
         ("soup_steps", step_row(decided_at=12), r"'decided_at'.*timestamp.*12"),
         ("soups", soup_row(method="best"), r"soups: .*'method'.*one of.*'best'"),
         ("soups", soup_row(trial_seed=None), r"'trial_seed' must not be null"),
+        ("soups", soup_row(id_val_acc=math.nan), r"'id_val_acc'.*NaN only for.*uniform_all"),
+        ("soups", soup_row(method="uniform_all"), r"'trial_seed' must be -1 exactly.*got 0"),
+        ("soups", soup_row(trial_seed=-1), r"'trial_seed' must be -1 exactly.*'greedy'"),
     ],
 )
 def test_validation_names_kind_column_and_value(kind: str, row: dict, message: str) -> None:
@@ -237,6 +241,10 @@ def test_validation_names_kind_column_and_value(kind: str, row: dict, message: s
 
 def test_validation_accepts_nan_test_acc_and_naive_utc_times() -> None:
     assert math.isnan(validate_rows("soups", [soup_row(test_acc=math.nan)])["test_acc"][0].as_py())
+    every_seed = soup_row(method="uniform_all", trial_seed=-1, id_val_acc=math.nan)
+    ensemble = soup_row(method="ensemble", checkpoint=None)
+    table = validate_rows("soups", [every_seed, ensemble])
+    assert math.isnan(table["id_val_acc"][0].as_py()) and table["checkpoint"][1].as_py() is None
     naive = validate_rows("soup_steps", [step_row(decided_at=dt.datetime(2025, 1, 1))])
     assert naive["decided_at"][0].as_py() == dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
     lp = validate_rows("trials", [trial_row(stage="lp", init=None, test_acc=None)])
@@ -369,6 +377,44 @@ def test_empty_results_give_an_empty_table() -> None:
     table = paper_table(pd.DataFrame(columns=schema("soups").names))
     assert table.empty
     assert "method" in format_table(table, "text")
+
+
+def test_uniform_all_and_ensemble_rows_follow_greedy_and_uniform_all_has_no_se(
+    tmp_path: Path,
+) -> None:
+    every_seed = {"method": "uniform_all", "trial_seed": -1, "id_val_acc": math.nan}
+    extra = [
+        soup_row(**every_seed, test_env=0, test_acc=0.66),
+        soup_row(**every_seed, test_env=1, test_acc=0.86),
+        *(
+            soup_row(method="ensemble", checkpoint=None, test_env=e, trial_seed=t, test_acc=a)
+            for (e, t), a in {(0, 0): 0.6, (0, 1): 0.7, (1, 0): 0.8, (1, 1): 0.9}.items()
+        ),
+    ]
+    soups = pd.concat([example_soups(), pd.DataFrame(extra)], ignore_index=True)
+    validate_rows("soups", extra)
+    table = paper_table(soups)
+    assert list(table.index)[2:] == [
+        ("greedy", "pretrained"),
+        ("uniform_all", "pretrained"),
+        ("ensemble", "pretrained"),
+    ]
+    everything = table.loc[("uniform_all", "pretrained")]
+    assert everything[("0", "mean")] == pytest.approx(66.0)
+    assert everything[("Avg", "mean")] == pytest.approx(76.0)
+    assert all(math.isnan(everything[(env, "se")]) for env in ("0", "1", "Avg"))
+    assert table.loc[("ensemble", "pretrained"), ("Avg", "se")] == pytest.approx(5 / 2**0.5)
+    text = format_table(table, "text")
+    assert re.search(r"^uniform_all\s+pretrained\s+66\.0\s+86\.0\s+76\.0$", text, re.M), text
+    assert "uniform_all: one uniform soup of every trial seed" in text.splitlines()[-2]
+    assert "no SE over seeds" in text and "ensemble: logit average" in text
+    assert "- uniform_all: one uniform soup" in format_table(table, "markdown")
+    assert "% uniform\\_all: one uniform soup" in format_table(table, "latex")
+    csv = pd.read_csv(io.StringIO(format_table(table, "csv"))).set_index(["method", "init"])
+    assert math.isnan(csv.loc[("uniform_all", "pretrained"), "Avg_se"])
+    assert "uniform_all" not in format_table(paper_table(example_soups()), "text")
+    plot_method_bars(table, tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").stat().st_size > 1000
 
 
 # ---------------------------------------------------------------- plots

@@ -54,7 +54,7 @@ def test_killed_actor_restarts_and_ends_with_identical_soups(
     assert new_pid != pid, "the actor was not restarted"
     summary = ray.get(actor.summary.remote())
     assert summary[0]["trials"] == len(soup_trials)
-    assert summary[0]["final"] == ["erm", "greedy", "uniform"]
+    assert summary[0]["final"] == ["ensemble", "erm", "greedy", "uniform"]
 
     a, b = load_results(tmp_path / "calm"), load_results(tmp_path / "killed")
     columns = ["method", "init", "n_ingredients", "id_val_acc", "test_acc"]
@@ -64,6 +64,7 @@ def test_killed_actor_restarts_and_ends_with_identical_soups(
     assert [list(x) for x in soups_a.ingredients] == [list(x) for x in soups_b.ingredients]
     assert not b["soup_steps"].duplicated(subset=["method", "trial_id"]).any()
     assert not b["soups"].duplicated(subset=["method", "init"]).any()
+    assert set(b["soups"].method) == {"erm", "uniform", "greedy", "uniform_all", "ensemble"}
     assert len(b["soup_steps"]) == len(soup_trials)
     steps = ["trial_id", "rank", "accepted", "soup_size", "soup_id_val_acc"]
     pd.testing.assert_frame_equal(

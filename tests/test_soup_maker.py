@@ -4,6 +4,7 @@ arrival orders and restarts, averaging policy, content-hash changes, post-hoc CL
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -62,6 +63,16 @@ def test_streaming_soup_equals_batch_recipe_1_in_any_arrival_order(trials, tmp_p
 
     reference = batch_greedy([o.candidate for o in trials], evaluate)
     expected = [d.trial_id for d in reference if d.accepted]
+    # the ensemble, directly: each trial's logits summed in rank order, argmax
+    ranked = sorted(trials, key=lambda o: rank_key(o.candidate))
+    ensemble = {}
+    for name, parts in (("id_val", data.id_val), ("test", data.test)):
+        total = None
+        for offer in ranked:
+            evaluator.network.load_state_dict(load_checkpoint(offer.checkpoint)[0])
+            logits, labels = data.logits(evaluator.network, parts, torch.device("cpu"))
+            total = logits if total is None else total + logits
+        ensemble[name] = (total.argmax(1) == labels).double().mean().item()
     # One arrival order per maker; the soups must agree bit for bit.
     orders = [list(trials), list(reversed(trials)), random.Random(0).sample(trials, len(trials))]
     hashes = []
@@ -73,15 +84,22 @@ def test_streaming_soup_equals_batch_recipe_1_in_any_arrival_order(trials, tmp_p
         assert group.greedy.ingredients == expected
         assert [d.accepted for d in group.greedy.decisions] == [d.accepted for d in reference]
         soups = _soups(tmp_path / f"order{i}")
-        assert list(soups.method) == ["erm", "greedy", "uniform"]
+        assert list(soups.method) == ["ensemble", "erm", "greedy", "uniform", "uniform_all"]
         greedy = soups[soups.method == "greedy"].iloc[0]
         assert list(greedy.ingredients) == expected
         assert greedy.n_ingredients == len(expected)
-        hashes.append(
-            [_weights_hash(c) for c in soups.checkpoint[soups.method != "erm"]]
-            + [float(a) for a in soups.test_acc]
+        row = soups[soups.method == "ensemble"].iloc[0]
+        assert pd.isna(row.checkpoint) and row.n_ingredients == N_TRIALS
+        assert list(row.ingredients) == [o.trial_id for o in ranked]
+        assert (row.id_val_acc, row.test_acc) == pytest.approx(
+            (ensemble["id_val"], ensemble["test"]), abs=1e-12
         )
-    assert hashes[0] == hashes[1] == hashes[2]
+        hashes.append(
+            [_weights_hash(c) for c in soups.checkpoint[soups.method.isin(["greedy", "uniform"])]]
+            + [repr(float(a)) for a in soups.test_acc]
+            + [repr(float(a)) for a in soups.id_val_acc]  # uniform_all's NaN included
+        )
+    assert hashes[0] == hashes[1] == hashes[2]  # ensemble included: identical numbers
 
 
 def test_uniform_soup_is_the_direct_average_and_reloads_to_its_accuracies(trials, tmp_path):
@@ -105,10 +123,18 @@ def test_uniform_soup_is_the_direct_average_and_reloads_to_its_accuracies(trials
     # reload: the checkpoint scores what its row and metadata say
     data = GroupData(DataKey(TARGET, 5, 0), None, 0.2)
     evaluator = SoupEvaluator(data, meta, torch.device("cpu"))
-    for _, row in soups.iterrows():
+    for _, row in soups[soups.method.isin(["erm", "greedy", "uniform"])].iterrows():
         state, _ = load_checkpoint(row.checkpoint)
         assert evaluator.id_val_acc(state) == pytest.approx(row.id_val_acc, abs=0)
         assert evaluator.test_acc(state) == pytest.approx(row.test_acc, abs=0)
+    # uniform_all of one trial seed is that seed's uniform soup: the same weights, bit for bit
+    everything = soups[soups.method == "uniform_all"].iloc[0]
+    assert everything.trial_seed == -1 and math.isnan(everything.id_val_acc)
+    assert everything.checkpoint.endswith("soups/uniform_all/MiniRotatedMNIST-e5-sall-pretrained")
+    assert _weights_hash(everything.checkpoint) == _weights_hash(uniform.checkpoint)
+    assert everything.test_acc == uniform.test_acc
+    assert list(everything.ingredients) == list(uniform.ingredients)
+    assert read_meta(everything.checkpoint).trial_seed == -1
     # a one-ingredient soup scores exactly its trial's own reported number
     best = min(trials, key=lambda o: rank_key(o.candidate))
     assert evaluator.id_val_acc(load_checkpoint(best.checkpoint)[0]) == best.id_val_acc
@@ -129,10 +155,11 @@ def test_restart_restores_without_evaluating_and_ends_identical(trials, tmp_path
     pd.testing.assert_frame_equal(steps_before, steps_after)  # same decisions, same times
     second.offer(trials)  # the rest (and the first three again)
     calm, restarted = _soups(tmp_path / "calm"), _soups(tmp_path / "restarted")
-    columns = ["method", "n_ingredients", "id_val_acc", "test_acc"]
-    pd.testing.assert_frame_equal(calm[columns], restarted[columns])
+    columns = ["method", "trial_seed", "n_ingredients", "id_val_acc", "test_acc"]
+    pd.testing.assert_frame_equal(calm[columns], restarted[columns])  # ensemble, uniform_all too
     assert [list(x) for x in calm.ingredients] == [list(x) for x in restarted.ingredients]
-    for a, b in zip(calm.checkpoint[1:], restarted.checkpoint[1:], strict=True):
+    assert list(calm.method) == ["ensemble", "erm", "greedy", "uniform", "uniform_all"]
+    for a, b in zip(calm.checkpoint[2:], restarted.checkpoint[2:], strict=True):
         assert _weights_hash(a) == _weights_hash(b)
     steps = load_results(tmp_path / "restarted")["soup_steps"]
     assert steps.trial_id.is_unique and len(steps) == N_TRIALS
@@ -142,7 +169,7 @@ def test_restart_restores_without_evaluating_and_ends_identical(trials, tmp_path
     third.offer(trials)
     assert third.finalize_all() == []
     assert third.n_evaluations == 0
-    assert len(_soups(tmp_path / "restarted")) == 3
+    assert len(_soups(tmp_path / "restarted")) == 5
     soup_parts = {p: m for p, m in mtimes.items() if "soups" in p.parts}
     assert soup_parts == {p: p.stat().st_mtime_ns for p in soup_parts}
 
@@ -169,13 +196,14 @@ def test_a_replaced_checkpoint_is_noticed_by_its_content_hash(
     assert group.greedy.ingredients == fresh.groups[KEY].greedy.ingredients
     a, b = _soups(tmp_path / "run"), _soups(tmp_path / "fresh")
     assert list(a.test_acc) == list(b.test_acc)
-    assert len(a) == 3  # replaced, not duplicated
+    assert list(a.id_val_acc[a.method == "ensemble"]) == list(b.id_val_acc[b.method == "ensemble"])
+    assert len(a) == 5  # replaced, not duplicated
 
 
 def test_accept_gt_never_takes_a_tie_and_bad_options_are_refused(trials, tmp_path) -> None:
-    ge = _maker(tmp_path / "ge", trials)
+    ge = _maker(tmp_path / "ge", trials, methods=("erm", "greedy"))
     ge.offer(trials)
-    gt = _maker(tmp_path / "gt", trials, accept="gt")
+    gt = _maker(tmp_path / "gt", trials, accept="gt", methods=("erm", "greedy"))
     gt.offer(trials)
     steps = load_results(tmp_path / "gt")["soup_steps"].sort_values("rank")
     previous = None
@@ -201,3 +229,55 @@ def test_state_file_is_plain_json_with_every_decision(trials, tmp_path) -> None:
     assert all(0 <= acc <= 1 for _, acc in group["memo"])
     assert not group["final"]  # 4 of 6 trials: not final yet
     assert maker.summary()[0]["final"] == [] and maker.summary()[0]["trials"] == 4
+
+
+def test_one_trial_ensemble_is_that_trial_exactly(trials, tmp_path) -> None:
+    """The ensemble is scored on the trials' own ID-val and test splits and batches, so a
+    one-trial ensemble (and a one-trial uniform_all) scores exactly its trial's numbers."""
+    one = trials[1]
+    maker = _maker(tmp_path, [one], methods=("erm", "ensemble", "uniform_all"))
+    maker.offer([one])  # completes the group (and its seeds): everything is written
+    assert maker.finalize_all() == []
+    soups = _soups(tmp_path).set_index("method")
+    assert list(soups.index) == ["ensemble", "erm", "uniform_all"]
+    assert soups.loc["ensemble", "id_val_acc"] == one.id_val_acc
+    assert soups.loc["ensemble", "test_acc"] == one.test_acc
+    assert soups.loc["uniform_all", "test_acc"] == one.test_acc
+    assert pd.isna(soups.loc["ensemble", "checkpoint"])
+
+
+def test_uniform_all_waits_for_every_trial_seed_then_averages_them_all(
+    trials, tmp_path, base_checkpoint, train_target
+) -> None:
+    seed1 = []
+    for h in range(2):  # two real trials of trial seed 1 (other splits)
+        path = tmp_path / "ckpt" / f"s1-h{h}"
+        train_target(path, h, base_checkpoint, steps=10, trial_seed=1)
+        seed1.append(Offer.from_checkpoint(f"s1-h{h}", path))
+    seed0 = trials[:2]
+    key1 = GroupKey(TARGET, 5, 1, "pretrained")
+    expected = {KEY: [o.trial_id for o in seed0], key1: [o.trial_id for o in seed1]}
+    methods = ("erm", "uniform_all")
+    maker = _maker(tmp_path / "run", trials, expected=expected, methods=methods)
+    maker.offer(seed0)  # seed 0 is complete, seed 1 is not: no uniform_all yet
+    assert list(_soups(tmp_path / "run").method) == ["erm"]
+    maker.offer(seed1[::-1])
+    soups = _soups(tmp_path / "run")
+    assert list(soups.method) == ["erm", "erm", "uniform_all"]
+    row = soups.iloc[2]
+    assert row.trial_seed == -1 and math.isnan(row.id_val_acc) and row.n_ingredients == 4
+    by_seed = [sorted(g, key=lambda o: rank_key(o.candidate)) for g in (seed0, seed1)]
+    assert list(row.ingredients) == [o.trial_id for g in by_seed for o in g]
+    state, meta = load_checkpoint(row.checkpoint)
+    states = [load_checkpoint(o.checkpoint)[0] for o in seed0 + seed1]
+    for key, value in state.items():
+        if value.is_floating_point():
+            direct = torch.stack([s[key].double() for s in states]).mean(0).float()
+            torch.testing.assert_close(value, direct, rtol=0, atol=1e-6)
+    data = GroupData(DataKey(TARGET, 5, 0), None, 0.2)  # test: the whole env (seed 0's batches)
+    assert SoupEvaluator(data, meta, torch.device("cpu")).test_acc(state) == row.test_acc
+    # a restarted maker has it: nothing recomputed, nothing duplicated
+    again = _maker(tmp_path / "run", trials, expected=expected, methods=methods)
+    again.offer(seed0 + seed1)
+    assert again.finalize_all() == [] and again.n_evaluations == 0
+    assert len(_soups(tmp_path / "run")) == 3

@@ -79,6 +79,18 @@ def test_hparams_domainbed_registry_ranges() -> None:
         assert 10**-4.5 <= small["lr"] <= 10**-2.5 and small["weight_decay"] == 0
 
 
+def test_domainbed_registry_never_samples_a_nonlinear_classifier() -> None:
+    """DomainBed fixed ``nonlinear_classifier`` to False ("nonlinear classifiers disabled")."""
+    for dataset, small in (("PACS", False), ("MiniRotatedMNIST", True)):
+        drawn = {
+            hp.sample_hparams(dataset, seed, registry="domainbed", small_images=small)[
+                "nonlinear_classifier"
+            ]
+            for seed in range(60)
+        }
+        assert drawn == {False}
+
+
 def test_trial_seed_switch() -> None:
     independent = [hp.sample_hparams("PACS", 3, t) for t in range(5)]
     assert all(h == independent[0] for h in independent)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from raysoup.options import OptionsError
 from raysoup.sweep.config import SweepConfig, load_config
 from raysoup.sweep.plan import checkpoint_path, plan_sweep
-from raysoup.sweep.runner import record_config
+from raysoup.sweep.runner import read_config, record_config
 from raysoup.training.trainer import RunSpec
 
 
@@ -48,6 +50,10 @@ def _write(tmp_path: Path, text: str) -> Path:
         ),
         ("aux_pool: /no/such/pool\n", "aux_pool='/no/such/pool': no such directory"),
         ("test_envs: [1\n", "not valid YAML"),
+        ("target_keep: first\n", r"'target_keep'='first': expected one of \['last', 'best'\]"),
+        ("eval_schedule: often\n", r"'eval_schedule'='often': expected one of \['reference'"),
+        ("aux_lp: maybe\n", r"'aux_lp'='maybe': expected true or false"),
+        ("lp_per_trial_seed: 1\n", r"'lp_per_trial_seed'=1: expected true or false"),
     ],
 )
 def test_bad_configs_are_rejected_with_a_clear_message(tmp_path, yaml_text, message) -> None:
@@ -65,6 +71,9 @@ def test_fingerprint_changes_with_what_is_computed(tmp_path) -> None:
     assert a.fingerprint() == load_config(None).fingerprint()
     assert a.fingerprint() == load_config(None, max_concurrent_trials=2).fingerprint()
     assert a.fingerprint() != load_config(None, n_hparams=4).fingerprint()
+    for switch in ({"target_keep": "last"}, {"aux_lp": False}, {"lp_per_trial_seed": True}):
+        assert a.fingerprint() != load_config(None, **switch).fingerprint(), switch
+    assert a.fingerprint() != load_config(None, eval_schedule="multiples").fingerprint()
     assert (
         load_config(_write(tmp_path, "n_hparams: 4\n")).fingerprint()
         == load_config(None, n_hparams=4).fingerprint()
@@ -75,7 +84,7 @@ def test_plan_covers_every_stage_with_stable_keys(tmp_path) -> None:
     config = load_config(None, n_hparams=2, trial_seeds=[0, 1], test_envs=[0, 5])
     plan = plan_sweep(config, tmp_path)
     assert list(plan) == ["base", "lp", "aux", "target"]
-    assert len(plan["lp"]) == 4 and len(plan["aux"]) == 3
+    assert len(plan["aux"]) == 3 * 4  # aux_n_hparams: 4, as ModelRatatouille's README
     assert len(plan["target"]) == 2 * 2 * 2 * 3
     keys = [r.key for runs in plan.values() for r in runs]
     assert len(keys) == len(set(keys))
@@ -83,16 +92,99 @@ def test_plan_covers_every_stage_with_stable_keys(tmp_path) -> None:
     for runs in plan.values():
         for run in runs:
             RunSpec(**run.spec)  # every planned spec is a valid RunSpec
+    # The reference: one LP per (dataset, test env) on trial seed 0, shared by every seed
+    # (the ID-val split of seeds >= 1 overlaps its training split), one per aux dataset.
+    lp = {run.key: run.spec for run in plan["lp"]}
+    aux_lps = [f"lp-{aux}-all" for aux in config.aux_datasets]
+    assert list(lp) == ["lp-MiniRotatedMNIST-e0-s0", "lp-MiniRotatedMNIST-e5-s0", *aux_lps]
+    assert {spec["trial_seed"] for spec in lp.values()} == {0}
+    assert all(lp[key]["test_env"] == -1 and lp[key]["hparams"] == {} for key in aux_lps)
     target = plan["target"][-1].spec
+    assert target["trial_seed"] == 1 and not target["lp_per_trial_seed"]
+    assert target["lp_head"] == tmp_path / "checkpoints/lp/lp-MiniRotatedMNIST-e5-s0"
+    assert target["keep"] == "best" and target["eval_schedule"] == "reference"
+    for run in plan["aux"]:  # every aux run starts from its dataset's LP head
+        assert run.spec["lp_head"] == tmp_path / f"checkpoints/lp/lp-{run.spec['dataset']}-all"
+        assert run.spec.get("keep") is None  # aux runs keep their last step
+    # the switches back
+    per_seed = plan_sweep(
+        load_config(
+            None,
+            n_hparams=2,
+            trial_seeds=[0, 1],
+            test_envs=[0, 5],
+            lp_per_trial_seed=True,
+            aux_lp=False,
+            target_keep="last",
+        ),
+        tmp_path,
+    )
+    assert [run.key for run in per_seed["lp"]] == [
+        f"lp-MiniRotatedMNIST-e{e}-s{s}" for e in (0, 5) for s in (0, 1)
+    ]
+    target = per_seed["target"][-1].spec
     assert target["lp_head"] == tmp_path / "checkpoints/lp/lp-MiniRotatedMNIST-e5-s1"
+    assert target["lp_per_trial_seed"] and target["keep"] == "last"
+    assert all(run.spec["lp_head"] is None for run in per_seed["aux"])
     pretrained_only = plan_sweep(load_config(None, inits=["pretrained"]), tmp_path)
-    assert "aux" not in pretrained_only
+    assert "aux" not in pretrained_only and len(pretrained_only["lp"]) == 1
 
 
-def test_a_pool_alone_plans_base_and_aux_only(tmp_path) -> None:
+# raysoup's quickstart with n_hparams 2 and trial seeds 0, 1, as raysoup recorded it in
+# sweep.json before the reference defaults (keep best, shared LP, aux LP, 4 aux runs).
+LEGACY_RECORD = {
+    "fingerprint": "772c71240aa9e9ba228263f48f550178410f839c0775b9d78e95a5b0a1ce5fe9",
+    "config": {
+        "name": "legacy", "dataset": "MiniRotatedMNIST", "data_dir": None, "test_envs": [5],
+        "trial_seeds": [0, 1], "n_hparams": 2, "inits": ["pretrained", "ratatouille", "fusing"],
+        "aux_datasets": ["AuxRotationFlip", "AuxRecolourMod5", "AuxNoiseSubpop"],
+        "aux_n_hparams": 1, "aux_pool": None, "steps": None, "aux_steps": None,
+        "lp_stage_steps": None, "checkpoint_freq": None, "arch": None,
+        "pretrained_weights": None, "hparams_registry": "diwa",
+        "hparams_depend_on_trial_seed": False, "hparams": {}, "fusing_range": 4.0,
+        "ratatouille_choice": "reference", "aux_buffers": "source", "holdout_fraction": 0.2,
+        "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "max_failures": 2,
+        "max_concurrent_trials": 0, "soup_accept": "ge", "soup_cpus": 0.0, "soup_gpus": 0.0,
+        "soup_max_models": 2,
+    },
+}  # fmt: skip
+
+
+def test_a_sweep_recorded_before_the_reference_defaults_resumes_as_it_began(
+    tmp_path, capsys
+) -> None:
+    root = tmp_path / "legacy"
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps(LEGACY_RECORD))
+    today = load_config(None, name="legacy", n_hparams=2, trial_seeds=[0, 1])
+    config = record_config(root, today)  # the same command as then: it resumes
+    assert "recorded by an earlier raysoup" in capsys.readouterr().err
+    assert (config.target_keep, config.eval_schedule) == ("last", "multiples")
+    assert (config.aux_lp, config.lp_per_trial_seed, config.aux_n_hparams) == (False, True, 1)
+    assert read_config(root) == config
+    plan = plan_sweep(config, root)  # what it planned then: the same keys and specs
+    assert [run.key for run in plan["lp"]] == [f"lp-MiniRotatedMNIST-e5-s{s}" for s in (0, 1)]
+    assert [run.key for run in plan["aux"]] == [f"aux-{a}-h0" for a in config.aux_datasets]
+    assert {run.spec["keep"] for run in plan["target"]} == {"last"}
+    assert json.loads((root / "sweep.json").read_text()) == LEGACY_RECORD  # not rewritten
+    with pytest.raises(OptionsError, match=r"different config \(changed: \['n_hparams'\]"):
+        record_config(root, load_config(None, name="legacy", n_hparams=3, trial_seeds=[0, 1]))
+    # a new sweep records its version and resumes with today's defaults
+    fresh = tmp_path / "fresh"
+    assert record_config(fresh, today) == today
+    assert json.loads((fresh / "sweep.json").read_text())["version"] == 2
+    assert record_config(fresh, load_config(None, name="legacy", n_hparams=2, trial_seeds=[0, 1]))
+    with pytest.raises(OptionsError, match=r"changed: \['target_keep'\]"):
+        record_config(fresh, dataclasses.replace(today, target_keep="last"))
+
+
+def test_a_pool_alone_plans_base_aux_lps_and_aux_runs_only(tmp_path) -> None:
     pool = load_config(_write(tmp_path, "dataset: null\naux_n_hparams: 2\n"))
     plan = plan_sweep(pool, tmp_path)
-    assert list(plan) == ["base", "aux"] and len(plan["aux"]) == 3 * 2
+    assert list(plan) == ["base", "lp", "aux"] and len(plan["aux"]) == 3 * 2
+    assert [run.key for run in plan["lp"]] == [f"lp-{aux}-all" for aux in pool.aux_datasets]
+    no_lp = load_config(_write(tmp_path, "dataset: null\naux_lp: false\n"))
+    assert list(plan_sweep(no_lp, tmp_path)) == ["base", "aux"]
 
 
 def _fake_checkpoint(path: Path) -> None:
@@ -108,9 +200,12 @@ def test_a_target_sweep_borrows_only_its_aux_datasets_from_a_pool(tmp_path) -> N
     for aux in pool.aux_datasets:
         _fake_checkpoint(checkpoint_path(pool_root, "aux", f"aux-{aux}-h0"))
     _fake_checkpoint(checkpoint_path(pool_root, "base", "base"))
-    borrowing = load_config(None, aux_pool=str(pool_root), aux_datasets=pool.aux_datasets[:2])
+    borrowing = load_config(
+        None, aux_pool=str(pool_root), aux_datasets=pool.aux_datasets[:2], aux_n_hparams=1
+    )
     plan = plan_sweep(borrowing, tmp_path / "target")
     assert list(plan) == ["lp", "target"]  # the pool's base and aux runs are reused
+    assert [run.key for run in plan["lp"]] == ["lp-MiniRotatedMNIST-e5-s0"]  # no aux LP
     ratatouille = next(r for r in plan["target"] if r.spec["init"] == "ratatouille").spec
     assert ratatouille["aux_dir"] == [
         checkpoint_path(pool_root, "aux", f"aux-{aux}-h0") for aux in pool.aux_datasets[:2]
@@ -118,7 +213,7 @@ def test_a_target_sweep_borrows_only_its_aux_datasets_from_a_pool(tmp_path) -> N
     assert ratatouille["pretrained"] == checkpoint_path(pool_root, "base", "base")
     with pytest.raises(OptionsError, match=r"lacks auxiliary run\(s\) \['aux-AuxRotationFlip-h1'"):
         plan_sweep(load_config(None, aux_pool=str(pool_root), aux_n_hparams=2), tmp_path)
-    other_arch = SweepConfig(aux_pool=pool_root, arch="resnet18").validate()
+    other_arch = SweepConfig(aux_pool=pool_root, arch="resnet18", aux_n_hparams=1).validate()
     with pytest.raises(
         OptionsError, match="trained with arch=None, this sweep has arch='resnet18'"
     ):

@@ -40,7 +40,14 @@ def local_ray(s3_endpoint, tmp_path_factory):
 
 def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> None:
     config = load_config(
-        None, steps=40, aux_steps=20, lp_stage_steps=20, n_hparams=2, checkpoint_freq=20
+        None,
+        steps=40,
+        aux_steps=20,
+        lp_stage_steps=20,
+        n_hparams=2,
+        checkpoint_freq=20,
+        aux_n_hparams=1,
+        aux_lp=False,  # the aux LP runs in test_sweep_on_s3_then_resume (saves 3 trials here)
     )
     root = run_sweep(config, tmp_path)
     trials = load_results(root)["trials"]
@@ -60,13 +67,18 @@ def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> No
     results = load_results(root)
     soups, steps = results["soups"], results["soup_steps"]
     inits = ("pretrained", "ratatouille", "fusing")
+    methods = ("erm", "uniform", "greedy", "uniform_all", "ensemble")
     assert sorted(zip(soups.method, soups.init, strict=True)) == sorted(
-        (m, i) for m in ("erm", "uniform", "greedy") for i in inits
+        (m, i) for m in methods for i in inits
     )
     assert (soups[soups.method == "uniform"].n_ingredients == 2).all()
-    assert soups.test_acc.between(0, 1).all() and soups.id_val_acc.between(0, 1).all()
+    every_seed = soups.method == "uniform_all"
+    assert (soups[every_seed].trial_seed == -1).all() and soups[every_seed].id_val_acc.isna().all()
+    assert soups.test_acc.between(0, 1).all() and soups[~every_seed].id_val_acc.between(0, 1).all()
     for row in soups.itertuples():
-        assert is_checkpoint(row.checkpoint), row.checkpoint
+        assert is_checkpoint(row.checkpoint) or row.method == "ensemble", row.checkpoint
+    assert soups[soups.method == "ensemble"].checkpoint.isna().all()
+    assert set(target.kept_step) <= {1, 21, 40}  # keep best, on the reference schedule
     erm = soups[soups.method == "erm"].set_index("init")
     best = target.sort_values("id_val_acc", ascending=False).groupby("init").head(1)
     assert erm.loc[best.init, "id_val_acc"].tolist() == best.id_val_acc.tolist()
@@ -112,12 +124,16 @@ def test_sweep_on_s3_then_resume(local_ray, s3_bucket, capfd) -> None:
         n_hparams=1,
         inits=["pretrained", "fusing"],  # fusing fetches the aux run from the bucket
         aux_datasets=[aux],
+        aux_n_hparams=1,
     )
     root = run_sweep(config, storage=f"{s3_bucket}/runs")
     assert root == f"{s3_bucket}/runs/s3sweep"
     trials = load_results(root)["trials"]
     assert trials.trial_id.is_unique
-    assert trials.groupby("stage").size().to_dict() == {"aux": 1, "base": 1, "lp": 1, "target": 2}
+    assert trials.groupby("stage").size().to_dict() == {"aux": 1, "base": 1, "lp": 2, "target": 2}
+    aux_run = trials[trials.stage == "aux"].iloc[0]  # started from its LP head, in the bucket
+    assert storage.read_meta(aux_run.checkpoint).hparams["keep"] == "last"
+    assert f"{root}/checkpoints/lp/lp-{aux}-all" in set(trials.checkpoint)
     assert trials.checkpoint.str.startswith(f"{root}/checkpoints/").all()
     assert sorted(storage.find_checkpoints(f"{root}/checkpoints")) == sorted(trials.checkpoint)
     fusing = trials[trials.init == "fusing"].iloc[0]
@@ -132,17 +148,19 @@ def test_sweep_on_s3_then_resume(local_ray, s3_bucket, capfd) -> None:
     fs, tune_path = storage.filesystem(f"{root}/tune")
     assert tune.Tuner.can_restore(f"{tune_path}/target", storage_filesystem=fs)
     soups = load_results(root)["soups"]  # the soup actor read and wrote the bucket too
-    assert sorted(soups.method) == sorted(["erm", "uniform", "greedy"] * 2)
+    group_methods = ["erm", "uniform", "greedy", "ensemble"]
+    assert sorted(soups.method) == sorted([*group_methods, "uniform_all"] * 2)
     for method in ("uniform", "greedy"):
         assert f"soups/{method}/MiniRotatedMNIST-e5-s0-fusing/raysoup.json" in files
+    assert "soups/uniform_all/MiniRotatedMNIST-e5-sall-fusing/raysoup.json" in files
     assert "soup/state.json" in files
-    for checkpoint in soups.checkpoint:
+    for checkpoint in soups.checkpoint.dropna():
         assert storage.is_checkpoint(checkpoint) and checkpoint.startswith(root)
     capfd.readouterr()
 
     assert run_sweep(config, storage=f"{s3_bucket}/runs/") == root  # resume: nothing to do
     err = capfd.readouterr().err
-    for stage, n in [("base", 1), ("lp", 1), ("aux", 1), ("target", 2)]:
+    for stage, n in [("base", 1), ("lp", 2), ("aux", 1), ("target", 2)]:
         assert f"stage {stage}: all {n} runs done, skipped" in err
     again = load_results(root)["trials"]
     assert len(again) == len(trials) and again.trial_id.is_unique

@@ -14,7 +14,7 @@ import torch
 from raysoup.data.builtin import BUILTIN_TARGET
 from raysoup.io.checkpoint import CheckpointError, load_checkpoint, read_meta
 from raysoup.options import OptionsError
-from raysoup.training.trainer import RunSpec, train_run
+from raysoup.training.trainer import KeepBest, RunSpec, is_eval_step, lp_head_problem, train_run
 
 TEST_ENV = 5  # rotated by 75 degrees: the hardest, the furthest from the others
 
@@ -138,9 +138,104 @@ def test_leakage_guard_in_the_trainer(pipeline: dict, tmp_path: Path) -> None:
         train_run(spec)
 
 
-def test_lp_head_from_other_splits_is_refused(pipeline: dict, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="LP head was trained for"):
-        _target(pipeline, tmp_path / "x", trial_seed=3, steps=5)
+def test_lp_head_check_shared_and_per_trial_seed() -> None:
+    run = (BUILTIN_TARGET, 5, 2)
+    assert lp_head_problem(run, (BUILTIN_TARGET, 5, 2), per_trial_seed=True) is None
+    assert lp_head_problem(run, (BUILTIN_TARGET, 5, 0), per_trial_seed=False) is None  # shared
+    assert "own trial seed" in lp_head_problem(run, (BUILTIN_TARGET, 5, 0), per_trial_seed=True)
+    assert "shared one" in lp_head_problem(run, (BUILTIN_TARGET, 5, 1), per_trial_seed=False)
+    for head in [(BUILTIN_TARGET, 4, 2), (BUILTIN_TARGET, 4, 0), ("AuxRotationFlip", 5, 2)]:
+        for per_trial_seed in (False, True):
+            assert "held-out" in lp_head_problem(run, head, per_trial_seed=per_trial_seed)
+
+
+def test_the_shared_lp_head_starts_every_trial_seed_but_no_other_test_env(
+    pipeline: dict, tmp_path: Path
+) -> None:
+    shared = _target(pipeline, tmp_path / "s3", trial_seed=3, steps=1)  # head: trial seed 0
+    lp_state, _ = load_checkpoint(pipeline["root"] / "lp")
+    state, meta = load_checkpoint(tmp_path / "s3")
+    assert meta.trial_seed == 3
+    for key, value in lp_state.items():  # one Adam step (lr 1e-3) away from the LP head
+        if key.startswith("classifier."):
+            assert (state[key] - value).abs().max() <= 1.01e-3, key
+    with pytest.raises(CheckpointError, match=r"LP head was trained for.*own trial seed"):
+        _target(pipeline, tmp_path / "x", trial_seed=3, steps=1, lp_per_trial_seed=True)
+    for per_trial_seed in (False, True):
+        with pytest.raises(CheckpointError, match=r"another dataset or test env"):
+            _target(pipeline, tmp_path / "y", test_env=4, steps=1, lp_per_trial_seed=per_trial_seed)
+    assert shared["trial_seed"] == 3 and not (tmp_path / "x").exists()
+
+
+def test_evaluation_schedules() -> None:
+    def evals(steps: int, freq: int, schedule: str) -> list[int]:
+        return [d for d in range(1, steps + 1) if is_eval_step(d, steps, freq, schedule)]
+
+    # DomainBed: step % CHECKPOINT_FREQ == 0 (0-based) or step == n_steps - 1
+    assert evals(5001, 100, "reference")[:3] == [1, 101, 201]
+    assert evals(5001, 100, "reference")[-2:] == [4901, 5001]
+    assert evals(250, 100, "reference") == [1, 101, 201, 250]
+    assert evals(250, 100, "multiples") == [100, 200, 250]
+    assert evals(1, 100, "reference") == evals(1, 100, "multiples") == [1]
+    with pytest.raises(ValueError, match="eval_schedule='often'"):
+        is_eval_step(1, 10, 5, "often")
+
+
+def test_keep_best_keeps_the_first_maximum_strictly() -> None:
+    keeper = KeepBest()
+    for step, score in enumerate([0.5, float("nan"), 0.7, 0.7, 0.6], start=1):
+        keeper.offer(score, {"step": step}, lambda step=step: {"w": torch.tensor(step)})
+    assert keeper.metrics == {"step": 3} and int(keeper.state["w"]) == 3
+    assert not keeper.offer(0.7, {}, lambda: pytest.fail("a tie must not copy the state"))
+
+
+def test_keep_best_and_keep_last_checkpoints_hold_their_evaluation(
+    pipeline: dict, tmp_path: Path
+) -> None:
+    """Both follow one trajectory; each saves one evaluation, with that evaluation's metrics
+    (the re-evaluated checkpoint scores exactly them)."""
+    from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
+
+    kw = {"steps": 21, "checkpoint_freq": 10, "hparams_seed": 1}
+    best = _target(pipeline, tmp_path / "best", **kw)  # keep="best": the target default
+    last = _target(pipeline, tmp_path / "last", keep="last", **kw)
+    history = [{k: v for k, v in h.items() if k != "wall_s"} for h in best["history"]]
+    assert history == [{k: v for k, v in h.items() if k != "wall_s"} for h in last["history"]]
+    assert [h["step"] for h in history] == [1, 11, 21]  # the reference schedule
+    scores = [h["id_val_acc"] for h in history]
+    kept = {"best": history[scores.index(max(scores))], "last": history[-1]}
+    data = GroupData(DataKey(BUILTIN_TARGET, TEST_ENV, 0), None, 0.2)
+    for name in ("best", "last"):
+        state, meta = load_checkpoint(tmp_path / name)
+        assert meta.metrics["step"] == kept[name]["step"] and meta.hparams["keep"] == name
+        for key in ("id_val_acc", "test_acc", "env0_out_acc", "loss"):
+            assert meta.metrics[key] == kept[name][key], (name, key)
+        evaluator = SoupEvaluator(data, meta, torch.device("cpu"))
+        assert evaluator.id_val_acc(state) == meta.metrics["id_val_acc"]
+        assert evaluator.test_acc(state) == meta.metrics["test_acc"]
+    same = kept["best"]["step"] == 21
+    assert (best["content_hash"] == last["content_hash"]) == same
+
+
+def test_an_aux_run_from_its_lp_head_trains_every_parameter_from_the_first_step(
+    pipeline: dict, base_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The reference's aux runs: the dataset's LP head, no head-only phase (no aux
+    featurizer is loaded, so ``_need_lp()`` is false); without a head, one comes first."""
+    common = {"dataset": "AuxRotationFlip", "test_env": -1, **pipeline["common"]}
+    train_run(RunSpec(out=tmp_path / "lp", stage="lp", steps=20, checkpoint_freq=10, **common))
+    lp_state, lp_meta = load_checkpoint(tmp_path / "lp")
+    assert lp_meta.test_env == -1 and lp_meta.trial_seed == 0
+    train_run(RunSpec(out=tmp_path / "a", stage="aux", steps=1, lp_head=tmp_path / "lp", **common))
+    train_run(RunSpec(out=tmp_path / "b", stage="aux", steps=1, **common))
+    base_state, _ = load_checkpoint(base_checkpoint)
+    from_head, _ = load_checkpoint(tmp_path / "a")
+    head_first, _ = load_checkpoint(tmp_path / "b")
+    featurizer = [k for k in base_state if k.startswith("featurizer.") and "weight" in k]
+    assert all(torch.equal(head_first[k], base_state[k]) for k in featurizer)  # head-only
+    assert not any(torch.equal(from_head[k], base_state[k]) for k in featurizer)
+    for key in (k for k in lp_state if k.startswith("classifier.")):
+        assert (from_head[key] - lp_state[key]).abs().max() <= 1.01e-3, key
 
 
 @pytest.mark.parametrize(

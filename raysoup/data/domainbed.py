@@ -50,7 +50,6 @@ class ImageFolderDataset(MultiDomainDataset):
     ENV_FOLDERS: ClassVar[list[str]]
     INPUT_SHAPE: ClassVar[tuple[int, int, int]] = (3, 224, 224)
     N_STEPS: ClassVar[int] = 5001
-    CHECKPOINT_FREQ: ClassVar[int] = 300
 
     def __init__(self, data_dir: str | Path, augment: bool = True) -> None:
         root = Path(data_dir).expanduser() / self.FOLDER
@@ -110,6 +109,7 @@ class VLCS(ImageFolderDataset):
     ENVIRONMENTS = ["C", "L", "S", "V"]
     ENV_FOLDERS = ["Caltech101", "LabelMe", "SUN09", "VOC2007"]
     NUM_CLASSES = 5
+    CHECKPOINT_FREQ = 50
 
 
 class PACS(ImageFolderDataset):
@@ -143,7 +143,7 @@ class DomainNet(ImageFolderDataset):
     ENV_FOLDERS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
     NUM_CLASSES = 345
     N_STEPS = 15001
-    CHECKPOINT_FREQ = 1000
+    CHECKPOINT_FREQ = 500
 
 
 DOMAINBED_DATASETS: list[type[ImageFolderDataset]] = [

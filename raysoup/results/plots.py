@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from raysoup.results.schema import INITS
+from raysoup.results.schema import ALL_SEEDS_METHODS, INITS
 from raysoup.results.tables import AVG, GROUP, _order
 
 MAX_LEGEND = 12
@@ -80,7 +80,8 @@ def plot_soup_progress(soup_steps: pd.DataFrame, out_png: str | os.PathLike[str]
 
 
 def plot_method_bars(table: pd.DataFrame, out_png: str | os.PathLike[str]) -> None:
-    """``Avg`` test accuracy ± SE per (method, init), from a ``paper_table``."""
+    """``Avg`` test accuracy ± SE per (method, init), from a ``paper_table``; methods over
+    every trial seed (``uniform_all``) have one value and no error bar."""
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot()
     if table.empty:
@@ -100,7 +101,8 @@ def plot_method_bars(table: pd.DataFrame, out_png: str | os.PathLike[str]) -> No
             errors.append(table.loc[key, (AVG, "se")] if present else math.nan)
         x = np.arange(len(methods)) + (j - (len(inits) - 1) / 2) * width
         axes.bar(x, means, width, yerr=errors, capsize=3, label=init)
-    axes.set_xticks(np.arange(len(methods)), methods)
+    labels = [f"{m}\n(all seeds, no SE)" if m in ALL_SEEDS_METHODS else m for m in methods]
+    axes.set_xticks(np.arange(len(methods)), labels)
     axes.set_ylabel("test accuracy, average over test envs (%)")
     dataset = table.attrs.get("dataset")
     axes.set_title(f"{dataset}: mean ± SE over trial seeds" if dataset else "mean ± SE")

@@ -29,7 +29,12 @@ import pyarrow as pa
 KINDS = ("trials", "soup_steps", "soups")
 STAGES = ("base", "lp", "aux", "target")
 INITS = ("pretrained", "ratatouille", "fusing")
-METHODS = ("erm", "uniform", "greedy")
+# erm: best single trial by ID-val; uniform / greedy: soups of a group's trials;
+# uniform_all: one uniform soup of every trial seed's trials (DiWA's uniform†,
+# trial_seed -1, no ID-val: NaN); ensemble: the logit average of a group's trials.
+METHODS = ("erm", "uniform", "greedy", "uniform_all", "ensemble")
+ALL_SEEDS_METHODS = ("uniform_all",)  # rows over every trial seed: trial_seed == ALL_SEEDS
+ALL_SEEDS = -1
 MIN_ENVS = 6  # DomainBed's largest datasets (DomainNet) have 6 envs
 ENV_ACC = re.compile(r"^env(\d+)_(in|out)_acc$")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -111,7 +116,7 @@ _SOUPS = [
     Column("init", pa.string(), choices=INITS),
     Column("n_ingredients", pa.int64()),
     Column("ingredients", pa.list_(pa.string())),
-    _acc("id_val_acc"),
+    _acc("id_val_acc", nan_ok=True),  # NaN only for uniform_all (see _row_rules)
     _acc("test_acc", nan_ok=True),
     Column("checkpoint", pa.string(), required=False),
 ]
@@ -225,6 +230,19 @@ def _row_rules(kind: str, row: Mapping[str, Any], index: int) -> None:
         raise ValueError(
             f"trials: row {index}: column 'init' is required for stage 'target', got None"
         )
+    if kind == "soups":
+        method, seed, id_val = row.get("method"), row.get("trial_seed"), row.get("id_val_acc")
+        all_seeds = method in ALL_SEEDS_METHODS
+        if _is_int(seed) and (seed == ALL_SEEDS) != all_seeds:
+            raise ValueError(
+                f"soups: row {index}: column 'trial_seed' must be {ALL_SEEDS} exactly for "
+                f"methods {ALL_SEEDS_METHODS} (method {method!r}), got {seed!r}"
+            )
+        if _is_real(id_val) and math.isnan(id_val) and not all_seeds:
+            raise ValueError(
+                f"soups: row {index}: column 'id_val_acc' must be an accuracy in [0, 1] "
+                f"(NaN only for methods {ALL_SEEDS_METHODS}), got {id_val!r}"
+            )
 
 
 def validate_rows(kind: str, rows: Sequence[Mapping[str, Any]]) -> pa.Table:

@@ -6,6 +6,8 @@
 - ``Avg`` is computed per trial seed (the mean over test envs of that seed), then mean ±
   SE over seeds, as DomainBed's summary table does; only seeds that have every test env
   count, and with none the cell shows ``X``.
+- ``uniform_all`` rows (one soup over every trial seed, ``trial_seed = -1``) have one
+  value per test env: their SE is NaN (shown without ``±``) and a legend line says so.
 - ``paper_table`` returns numbers (columns ``(env, "mean")``, ``(env, "se")``), so tests
   and notebooks use them directly; ``format_table`` turns them into text.
 """
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from raysoup.results.schema import INITS, METHODS
+from raysoup.results.schema import ALL_SEEDS_METHODS, INITS, METHODS
 
 FORMATS = ("text", "markdown", "csv", "latex")
 DONE_STATUSES = ("done", "completed", "ok", "success", "terminated")
@@ -38,6 +40,11 @@ SOUP_COLUMNS = [
     "checkpoint",
 ]
 GROUP = ["dataset", "test_env", "trial_seed", "init"]
+LEGENDS = {
+    "uniform_all": "uniform_all: one uniform soup of every trial seed's trials per test env "
+    "(DiWA's uniform†): a single value, no SE over seeds",
+    "ensemble": "ensemble: logit average of a group's trials (not one model)",
+}
 
 
 def _order(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
@@ -132,6 +139,8 @@ def paper_table(
             by_seed = group.pivot(index="trial_seed", columns="test_env", values="test_acc")
             by_seed = by_seed.reindex(columns=envs).dropna()
             record.extend(mean_se(by_seed.mean(axis=1)) if envs else (math.nan, math.nan))
+            if method in ALL_SEEDS_METHODS:  # one soup over the seeds: no spread to show
+                record[1::2] = [math.nan] * (len(record) // 2)
             records.append(record)
             index_tuples.append((method, init))
     index = pd.MultiIndex.from_tuples(index_tuples, names=["method", "init"])
@@ -141,7 +150,15 @@ def paper_table(
 
 
 def _cell(mean: float, se: float, pm: str) -> str:
-    return MISSING if math.isnan(mean) else f"{mean:.1f}{pm}{se:.1f}"
+    if math.isnan(mean):
+        return MISSING
+    return f"{mean:.1f}" if math.isnan(se) else f"{mean:.1f}{pm}{se:.1f}"
+
+
+def legend(table: pd.DataFrame) -> list[str]:
+    """Notes on the methods of ``table`` that are not a mean ± SE of single models."""
+    methods = set(table.index.get_level_values("method"))
+    return [text for method, text in LEGENDS.items() if method in methods]
 
 
 def _envs(table: pd.DataFrame) -> list[str]:
@@ -187,12 +204,15 @@ def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
             ),
             "\\bottomrule",
             "\\end{tabular}",
+            *(f"% {_latex_escape(note)}" for note in legend(table)),
         ]
         return "\n".join(lines) + "\n"
     rows = _cells(table, " ± ")
     if fmt == "markdown":
         align = ["---", "---"] + ["---:"] * len(envs)
-        return "\n".join("| " + " | ".join(r) + " |" for r in [header, align, *rows]) + "\n"
+        lines = ["| " + " | ".join(r) + " |" for r in [header, align, *rows]]
+        notes = [f"- {note}" for note in legend(table)]
+        return "\n".join([*lines, *([""] if notes else []), *notes]) + "\n"
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:
@@ -201,6 +221,7 @@ def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(padded).rstrip())
+    lines += [f"* {note}" for note in legend(table)]
     return "\n".join(lines) + "\n"
 
 

@@ -3,11 +3,16 @@
 A trial's ``id_val_acc`` is measured by ``training.evaluate.evaluate_splits``: the union
 of the training envs' ``out`` splits, no augmentation. The evaluator uses the very same
 splits and batches, so a one-ingredient soup scores exactly its trial's number.
+
+The ensemble (logit average of several trials) is scored the same way: one trial at a
+time, its logits added to a float64 sum per example in the order given, so the memory is
+one network and the sums, whatever the number of trials, and a given order gives
+bit-identical sums. Its prediction is the argmax of the sum (of the average: the same).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +46,8 @@ class GroupData:
         splits = split_envs(self.dataset.env_sizes(), key.trial_seed, holdout_fraction)
         self.id_val = [(s.env_index, s.out_indices) for s in splits if s.env_index != key.test_env]
         test = splits[key.test_env]
-        self.test = [(test.env_index, np.concatenate([test.in_indices, test.out_indices]))]
+        # The whole held-out env, in the trainer's batches (in, then out): the same logits.
+        self.test = [(test.env_index, test.in_indices), (test.env_index, test.out_indices)]
 
     def accuracy(
         self, network: Network, parts: list[tuple[int, np.ndarray]], device: torch.device
@@ -52,6 +58,22 @@ class GroupData:
             c, t = count_correct(network, batches, device)
             correct, total = correct + c, total + t
         return correct / total if total else float("nan")
+
+    @torch.no_grad()
+    def logits(
+        self, network: Network, parts: list[tuple[int, np.ndarray]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, labels)`` of every example of ``parts``, in order: float64 on the CPU
+        (exactly the float32 logits ``count_correct`` takes its argmax of)."""
+        network.eval()
+        logits, labels = [], []
+        for env_index, indices in parts:
+            for x, y in eval_batches(self.dataset, env_index, indices):
+                logits.append(network(x.to(device, non_blocking=True)).double().cpu())
+                labels.append(y)
+        if not logits:
+            return torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+        return torch.cat(logits), torch.cat(labels)
 
 
 class SoupEvaluator:
@@ -79,3 +101,22 @@ class SoupEvaluator:
     def test_acc(self, state: Mapping[str, torch.Tensor]) -> float:
         self._load(state)
         return self.data.accuracy(self.network, self.data.test, self.device)
+
+    def ensemble_accs(self, states: Iterable[Mapping[str, torch.Tensor]]) -> tuple[float, float]:
+        """``(id_val_acc, test_acc)`` of the logit average of ``states``, taken one at a
+        time (the caller loads each lazily) and summed in float64 in the order given."""
+        sums: dict[str, torch.Tensor] = {}
+        labels: dict[str, torch.Tensor] = {}
+        for state in states:
+            self._load(state)
+            for name, parts in (("id_val", self.data.id_val), ("test", self.data.test)):
+                logits, labels[name] = self.data.logits(self.network, parts, self.device)
+                sums[name] = sums[name].add_(logits) if name in sums else logits
+        if not sums:
+            raise ValueError("an ensemble needs at least one model")
+        accs = []
+        for name in ("id_val", "test"):
+            total = labels[name].numel()
+            correct = int((sums[name].argmax(dim=1) == labels[name]).sum()) if total else 0
+            accs.append(correct / total if total else float("nan"))
+        return accs[0], accs[1]

@@ -33,6 +33,7 @@ import torch
 
 from raysoup.io import storage
 from raysoup.io.checkpoint import CheckpointMeta, load_checkpoint
+from raysoup.results.schema import ALL_SEEDS
 from raysoup.soup.average import RunningSoup
 from raysoup.soup.greedy import Candidate, Decision, StreamingGreedy
 
@@ -51,7 +52,13 @@ class GroupKey:
 
     @property
     def slug(self) -> str:
-        return f"{self.dataset}-e{self.test_env}-s{self.trial_seed}-{self.init}"
+        seed = "all" if self.trial_seed == ALL_SEEDS else self.trial_seed
+        return f"{self.dataset}-e{self.test_env}-s{seed}-{self.init}"
+
+    @property
+    def all_seeds(self) -> GroupKey:
+        """The key of every trial seed's trials of this (dataset, test env, init)."""
+        return GroupKey(self.dataset, self.test_env, ALL_SEEDS, self.init)
 
 
 @dataclass(frozen=True)

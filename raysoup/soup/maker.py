@@ -6,9 +6,16 @@ without Ray). Per group (dataset, test env, trial seed, init):
 - ``offer`` adds finished trials (idempotent by trial id and content hash), keeps the
   exact Recipe-1 greedy soup of the trials so far, rewrites the group's ``soup_steps``
   part and, once every planned trial of the group has arrived, finalizes it.
-- ``finalize`` writes the ``erm``, ``uniform`` and ``greedy`` rows of ``soups`` (one part
-  per method and group) and the uniform and greedy soup checkpoints under
-  ``<root>/soups/<method>/<group>/``; ``erm`` points at the best trial's own checkpoint.
+- ``finalize`` writes the ``erm``, ``uniform``, ``greedy`` and ``ensemble`` rows of
+  ``soups`` (one part per method and group) and the uniform and greedy soup checkpoints
+  under ``<root>/soups/<method>/<group>/``; ``erm`` points at the best trial's own
+  checkpoint, ``ensemble`` (the logit average of the group's trials) has none.
+- ``finalize_all_seeds`` writes ``uniform_all`` (DiWA's uniform†): one uniform soup of
+  every trial of every trial seed of a (dataset, test env, init), ``trial_seed = -1``,
+  once every planned group of it is complete (post hoc: from whatever groups there are).
+  Its trials were trained on different splits, so no split is ID-val for all of them
+  (each seed's ``out`` images are other seeds' training images): its ``id_val_acc`` is
+  NaN, as the reference, which reports test accuracy alone for it.
 - State (offers, memoised evaluations, decision times, what was finalized) is written
   atomically to ``<root>/soup/state.json`` after every change. A restarted maker reads
   it and rebuilds every group from the memo without a single evaluation, so decisions
@@ -32,7 +39,9 @@ import torch
 from raysoup.io import storage
 from raysoup.io.checkpoint import CheckpointError, save_checkpoint
 from raysoup.io.storage import Location
+from raysoup.results.schema import ALL_SEEDS, ALL_SEEDS_METHODS, METHODS
 from raysoup.results.store import ResultsStore
+from raysoup.soup.average import RunningSoup
 from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
 from raysoup.soup.greedy import ACCEPT, Decision, rank_key
 from raysoup.soup.group import (
@@ -45,7 +54,8 @@ from raysoup.soup.group import (
     soup_meta,
 )
 
-METHODS = ("erm", "uniform", "greedy")
+# One row per group for GROUP_METHODS; per (dataset, test env, init) for uniform_all.
+GROUP_METHODS = tuple(m for m in METHODS if m not in ALL_SEEDS_METHODS)
 STATE_DIR = "soup"
 STATE_FILE = "state.json"
 SOUPS_DIR = "soups"
@@ -58,8 +68,9 @@ def _now() -> str:
 
 def describe(row: Mapping[str, Any]) -> str:
     """One line for a ``soups`` row (what ``raysoup run`` and ``raysoup soup`` print)."""
+    seed = "all" if row["trial_seed"] == ALL_SEEDS else row["trial_seed"]
     return (
-        f"{row['method']:<8} {row['init']:<12} env {row['test_env']} seed {row['trial_seed']}: "
+        f"{row['method']:<11} {row['init']:<12} env {row['test_env']} seed {seed}: "
         f"{row['n_ingredients']} ingredient(s), id_val {row['id_val_acc']:.4f}, "
         f"test {row['test_acc']:.4f}"
     )
@@ -141,6 +152,11 @@ class SoupMaker:
             )
         state = {"version": STATE_VERSION, "sweep": self.sweep, "accept": self.accept}
         state["groups"] = groups
+        state["all_seeds"] = [
+            {"key": asdict(key), "final": final}
+            for key, final in sorted(self._final.items())
+            if key.trial_seed == ALL_SEEDS
+        ]
         storage.write_bytes_atomic(self.state_path, json.dumps(state, indent=1).encode())
 
     def _restore(self) -> None:
@@ -166,6 +182,8 @@ class SoupMaker:
                 group.offer(offer)
             self._decided_at[key] = record["decided_at"]
             self._final[key] = record["final"]
+        for record in state.get("all_seeds", []):
+            self._final[GroupKey(**record["key"])] = record["final"]
         restored = sum(len(g.offers) for g in self.groups.values())
         self.log(f"raysoup soup: restored {restored} trials in {len(self.groups)} groups")
         for key in self.groups:
@@ -228,6 +246,9 @@ class SoupMaker:
             self._status(key)
             if self._complete(key):
                 self.finalize(key)
+        for all_seeds in dict.fromkeys(key.all_seeds for key in changed):
+            if self._all_seeds_complete(all_seeds):
+                self.finalize_all_seeds(all_seeds)
         return changed
 
     def _offer_consistently(self, group: GroupSoup, offer: Offer) -> list[Decision]:
@@ -260,7 +281,15 @@ class SoupMaker:
 
     def _complete(self, key: GroupKey) -> bool:
         expected = self.expected.get(key)
-        return bool(expected) and expected <= set(self.groups[key].offers)
+        return bool(expected) and key in self.groups and expected <= set(self.groups[key].offers)
+
+    def _members(self, all_seeds: GroupKey) -> list[GroupKey]:
+        """The groups (one per trial seed) whose trials ``all_seeds`` soups, by seed."""
+        return [k for k in sorted(self.groups) if k.all_seeds == all_seeds]
+
+    def _all_seeds_complete(self, all_seeds: GroupKey) -> bool:
+        planned = [key for key in self.expected if key.all_seeds == all_seeds]
+        return bool(planned) and all(self._complete(key) for key in planned)
 
     # ------------------------------------------------------------ outputs
 
@@ -309,7 +338,7 @@ class SoupMaker:
         self.refresh(key)
         group = self.groups[key]
         rows = []
-        for method in self.methods:
+        for method in (m for m in self.methods if m in GROUP_METHODS):
             ingredients = self._ingredients(group, method)
             items = [(t, group.offers[t].content_hash) for t in ingredients]
             signature = _signature(self.accept, method, items)
@@ -326,7 +355,8 @@ class SoupMaker:
         return rows
 
     def finalize_all(self) -> list[dict[str, Any]]:
-        """Finalize every group that has trials (an incomplete one is said so)."""
+        """Finalize every group that has trials (an incomplete one is said so), then the
+        ``uniform_all`` soup of each (dataset, test env, init) over the groups there are."""
         for key in sorted(self.groups):
             missing = sorted(self.expected.get(key, set()) - set(self.groups[key].offers))
             if missing:
@@ -334,7 +364,49 @@ class SoupMaker:
                     f"raysoup soup: {key.slug}: soups of {len(self.groups[key].offers)} trials; "
                     f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
                 )
-        return [row for key in sorted(self.groups) for row in self.finalize(key)]
+        rows = [row for key in sorted(self.groups) for row in self.finalize(key)]
+        for all_seeds in dict.fromkeys(key.all_seeds for key in sorted(self.groups)):
+            rows += self.finalize_all_seeds(all_seeds)
+        return rows
+
+    def finalize_all_seeds(self, all_seeds: GroupKey) -> list[dict[str, Any]]:
+        """Write the ``uniform_all`` soup (row and checkpoint) of every trial of every
+        trial seed of ``all_seeds`` = (dataset, test env, -1, init), unless already written
+        as is. The trials are summed in (trial seed, rank) order, one model at a time."""
+        if "uniform_all" not in self.methods:
+            return []
+        for key in self._members(all_seeds):
+            self.refresh(key)  # a replaced checkpoint is re-offered before it is averaged
+        members = [self.groups[key] for key in self._members(all_seeds)]
+        offers = [offer for group in members for offer in group.ranked()]
+        if not offers:
+            return []
+        items = [(o.trial_id, o.content_hash) for o in offers]
+        signature = _signature(self.accept, "uniform_all", items)
+        part = f"uniform_all-{all_seeds.slug}"
+        done = self._final.get(all_seeds, {}).get("uniform_all") == signature
+        if done and self.store.has_part("soups", part):
+            return []
+        total = RunningSoup()
+        for group in members:
+            for offer in group.ranked():
+                total.add(group.states.load(offer))
+            group.release()  # one group's cache at a time
+        state = total.average()
+        test = self.evaluator(members[0].key).test_acc(state)  # the same env for every seed
+        self.n_evaluations += 1
+        ingredients = [o.trial_id for o in offers]
+        like = storage.read_meta(members[0].erm().checkpoint)
+        meta = soup_meta(all_seeds, "uniform_all", like, ingredients, {"test_acc": test})
+        checkpoint = str(self.soup_dir("uniform_all", all_seeds))
+        with storage.checkpoint_output(checkpoint) as local:
+            save_checkpoint(local, state, meta)
+        row = self._row("uniform_all", all_seeds, ingredients, math.nan, test, checkpoint)
+        self.store.append("soups", [row], part_key=part)
+        self._final.setdefault(all_seeds, {})["uniform_all"] = signature
+        self._save()
+        self.log(f"raysoup soup: {describe(row)}")
+        return [row]
 
     def _ingredients(self, group: GroupSoup, method: str) -> list[str]:
         if method == "erm":
@@ -345,11 +417,17 @@ class SoupMaker:
 
     def _make(self, group: GroupSoup, method: str, ingredients: list[str]) -> dict[str, Any]:
         key = group.key
+        checkpoint: str | None
         if method == "erm":
             best = group.erm()
             id_val, test, checkpoint = best.id_val_acc, best.test_acc, best.checkpoint
             if math.isnan(test):
                 test = self.evaluator(key).test_acc(group.states.load(best))
+        elif method == "ensemble":  # rank order: the same sums whatever the arrival order
+            ranked = group.ranked()
+            id_val, test = self.evaluator(key).ensemble_accs(group.states.load(o) for o in ranked)
+            self.n_evaluations += len(ranked)
+            checkpoint = None
         else:
             if method == "greedy":
                 state = group.average(ingredients)
@@ -365,6 +443,17 @@ class SoupMaker:
             checkpoint = str(self.soup_dir(method, key))
             with storage.checkpoint_output(checkpoint) as local:  # published if a URI
                 save_checkpoint(local, state, meta)
+        return self._row(method, key, ingredients, id_val, test, checkpoint)
+
+    def _row(
+        self,
+        method: str,
+        key: GroupKey,
+        ingredients: list[str],
+        id_val: float,
+        test: float,
+        checkpoint: str | None,
+    ) -> dict[str, Any]:
         return {
             "sweep": self.sweep,
             "method": method,

@@ -20,8 +20,24 @@ from raysoup.models.networks import ARCHS
 from raysoup.options import OptionsError, from_mapping, option
 from raysoup.training.hparams import REGISTRIES, sample_hparams
 from raysoup.training.inits import AUX_BUFFERS, INIT_STRATEGIES, RATATOUILLE_CHOICES
+from raysoup.training.trainer import EVAL_SCHEDULES, KEEP
 
 ACCEPT = ("ge", "gt")
+# Options added after the first sweeps were recorded, each with the value that computes
+# what a sweep recorded without it computed. At that value an option drops out of the
+# fingerprint, so such a sweep still matches its record; see ``adopt_record``.
+ADDED_LATER: dict[str, Any] = {
+    "aux_pool": None,
+    "hparams": {},
+    "target_keep": "last",
+    "eval_schedule": "multiples",
+    "aux_lp": False,
+    "lp_per_trial_seed": True,
+}
+# Options whose default changed since the first sweeps were recorded: the earlier default.
+EARLIER_DEFAULTS: dict[str, Any] = {"aux_n_hparams": 1}
+# Version of sweep.json (a record without "version" predates the options above).
+RECORD_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -40,7 +56,15 @@ class SweepConfig:
     aux_datasets: list[str] = option(
         list(BUILTIN_AUXILIARY[:3]), help="auxiliary datasets to fine-tune the pool on"
     )
-    aux_n_hparams: int = option(1, help="auxiliary runs per auxiliary dataset")
+    aux_n_hparams: int = option(
+        4, help="auxiliary runs per auxiliary dataset (ModelRatatouille's README: 4)"
+    )
+    aux_lp: bool = option(
+        True,
+        help="one LP per auxiliary dataset (all envs, trial seed 0) whose head starts its "
+        "auxiliary runs, all parameters trainable from the first step (reference); false: "
+        "no aux LP, aux runs first train the head alone for lp_steps at their own lr",
+    )
     aux_pool: Path | None = option(
         None,
         help="experiment folder (<storage>/<name>) of a finished sweep or auxiliary pool: "
@@ -49,7 +73,25 @@ class SweepConfig:
     steps: int | None = option(None, help="target run steps (default: dataset N_STEPS)")
     aux_steps: int | None = option(None, help="auxiliary run steps (default: dataset N_STEPS)")
     lp_stage_steps: int | None = option(None, help="linear-probe steps (default: N_STEPS)")
-    checkpoint_freq: int | None = option(None, help="evaluate every N steps")
+    lp_per_trial_seed: bool = option(
+        False,
+        help="one target LP per (test env, trial seed); default: one per test env, on trial "
+        "seed 0's splits, shared by every trial seed (reference)",
+    )
+    target_keep: str = option(
+        "best",
+        help="the evaluation a target run keeps: best ID-val (reference's model_best.pkl) or last",
+        choices=KEEP,
+    )
+    checkpoint_freq: int | None = option(
+        None, help="evaluate every N steps (default: the dataset's CHECKPOINT_FREQ)"
+    )
+    eval_schedule: str = option(
+        "reference",
+        help="reference: after update 1, 1+N, 1+2N, ... and the last (DomainBed); "
+        "multiples: after updates N, 2N, ... and the last",
+        choices=EVAL_SCHEDULES,
+    )
     arch: str | None = option(None, help="network (default: the dataset's)", choices=ARCHS)
     pretrained_weights: Path | None = option(None, help="ImageNet weights file for ResNets")
     hparams_registry: str = option("diwa", help="hparam distributions", choices=REGISTRIES)
@@ -112,6 +154,11 @@ class SweepConfig:
             )
         if self.max_failures < 0 or self.max_concurrent_trials < 0:
             raise OptionsError("max_failures and max_concurrent_trials must be >= 0")
+        for name, choices in (("target_keep", KEEP), ("eval_schedule", EVAL_SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise OptionsError(
+                    f"{name}={getattr(self, name)!r}: expected one of {list(choices)}"
+                )
         for dataset in [self.dataset, *self.aux_datasets]:
             if dataset is not None:
                 self._validate_hparams(dataset)
@@ -212,11 +259,48 @@ class SweepConfig:
         how = ("max_concurrent_trials", "max_failures", "soup_cpus", "soup_gpus", "soup_max_models")
         for knob in how:  # how it runs, not what it computes
             values.pop(knob)
-        # Options added later drop out at their defaults, so older sweeps still resume.
-        for late, default in (("aux_pool", None), ("hparams", {})):
-            if values.get(late) == default:
+        # Options added later drop out at the value that computes what sweeps recorded
+        # before them computed, so those sweeps still resume (see adopt_record).
+        for late, before in ADDED_LATER.items():
+            if values.get(late) == before:
                 values.pop(late)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def adopt_record(
+    config: SweepConfig, recorded: dict[str, Any]
+) -> tuple[SweepConfig, dict[str, Any]]:
+    """The config to resume a sweep recorded before ``RECORD_VERSION`` 2 with, and what
+    was adopted from the record (option -> value).
+
+    Such a record (``recorded``: its ``config``) lacks the options added since, and it
+    was made when some defaults were different. An option at its default here takes the
+    value that reproduces the recorded sweep: the earlier behaviour for an option it
+    lacks (``ADDED_LATER``), its recorded value where it holds the earlier default
+    (``EARLIER_DEFAULTS``). An option set to anything else is left alone, so a config
+    that really differs is still refused by the fingerprint. A config that sets such an
+    option to its new default explicitly cannot be told apart: it resumes the old way.
+    """
+    defaults = SweepConfig()
+    adopted: dict[str, Any] = {}
+    for name, before in ADDED_LATER.items():
+        if name not in recorded and getattr(config, name) == getattr(defaults, name):
+            adopted[name] = before
+    for name, earlier in EARLIER_DEFAULTS.items():
+        if recorded.get(name) == earlier and getattr(config, name) == getattr(defaults, name):
+            adopted[name] = earlier
+    adopted = {k: v for k, v in adopted.items() if getattr(config, k) != v}
+    return dataclasses.replace(config, **adopted), adopted
+
+
+def config_from_record(record: dict[str, Any], where: str = "sweep.json") -> SweepConfig:
+    """The config a sweep record (``sweep.json``) describes; a record made before
+    ``RECORD_VERSION`` 2 gets the earlier behaviour of the options it lacks."""
+    values = dict(record["config"])
+    if record.get("version", 1) < RECORD_VERSION:
+        for name, before in ADDED_LATER.items():
+            values.setdefault(name, before)
+    return from_mapping(SweepConfig, values, where)
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> SweepConfig:

@@ -6,9 +6,15 @@ a local path or a URI (``s3://bucket/runs/<name>``); paths in the plan are then 
 objects or URI strings (``raysoup.io.storage.join``), with the same layout.
 
     base    (built-in only)  -> checkpoints/base/base
-    lp      per (test env, trial seed)            -> checkpoints/lp/<key>
+    lp      per test env, on trial seed 0, shared by every trial seed (with
+            lp_per_trial_seed: per (test env, trial seed)) -> checkpoints/lp/lp-<d>-e<env>-s<seed>
+            per aux dataset, all envs, trial seed 0 (aux_lp) -> checkpoints/lp/lp-<aux>-all
     aux     per (aux dataset, aux hparams seed)   -> checkpoints/aux/<key>
     target  per (test env, trial seed, hparams seed, init) -> checkpoints/target/<key>
+
+As in ModelRatatouille's sweep.py, an LP trains with the default hyperparameters and
+keeps its best ID-val evaluation; the shared target LP uses trial seed 0's splits, and
+every auxiliary run starts from its dataset's LP head.
 
 ``dataset: null`` plans an auxiliary pool alone (base if built-in, then aux). With
 ``aux_pool``, the aux stage (and, built-in, the base) is not planned: target runs read
@@ -32,6 +38,7 @@ from raysoup.io.checkpoint import is_checkpoint
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
 from raysoup.sweep.config import SweepConfig
+from raysoup.training.trainer import SHARED_LP_SEED
 
 STAGE_ORDER = ("base", "lp", "aux", "target")
 CHECKPOINTS = "checkpoints"
@@ -54,6 +61,19 @@ def checkpoint_path(root: Location, stage: str, key: str) -> Location:
 
 def aux_key(dataset: str, hparams_seed: int) -> str:
     return f"aux-{dataset}-h{hparams_seed}"
+
+
+def lp_key(dataset: str, test_env: int, trial_seed: int = 0) -> str:
+    """The LP of a target (dataset, test env, trial seed), or of an auxiliary dataset
+    (``test_env == -1``: all envs, ``lp-<dataset>-all``)."""
+    if test_env == -1:
+        return f"lp-{dataset}-all"
+    return f"lp-{dataset}-e{test_env}-s{trial_seed}"
+
+
+def lp_seed(config: SweepConfig, trial_seed: int) -> int:
+    """The trial seed of the LP whose head target runs of ``trial_seed`` start from."""
+    return trial_seed if config.lp_per_trial_seed else SHARED_LP_SEED
 
 
 def check_aux_pool(config: SweepConfig) -> list[Path]:
@@ -97,7 +117,29 @@ def _common(config: SweepConfig) -> dict[str, Any]:
         "hparams_depend_on_trial_seed": config.hparams_depend_on_trial_seed,
         "holdout_fraction": config.holdout_fraction,
         "checkpoint_freq": config.checkpoint_freq,
+        "eval_schedule": config.eval_schedule,
     }
+
+
+def _lp_run(
+    config: SweepConfig,
+    common: dict[str, Any],
+    root: Location,
+    dataset: str,
+    test_env: int,
+    trial_seed: int,
+) -> PlannedRun:
+    key = lp_key(dataset, test_env, trial_seed)
+    spec = {
+        **common,
+        "dataset": dataset,
+        "stage": "lp",
+        "test_env": test_env,
+        "trial_seed": trial_seed,
+        "steps": config.lp_stage_steps,
+        "out": checkpoint_path(root, "lp", key),
+    }
+    return PlannedRun("lp", key, spec)
 
 
 def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun]]:
@@ -128,19 +170,13 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
         )
     common["pretrained"] = pretrained
     for test_env in [] if pool_only else config.test_envs:
-        for trial_seed in config.trial_seeds:
-            key = f"lp-{config.dataset}-e{test_env}-s{trial_seed}"
-            spec = {
-                **common,
-                "dataset": config.dataset,
-                "stage": "lp",
-                "test_env": test_env,
-                "trial_seed": trial_seed,
-                "steps": config.lp_stage_steps,
-                "out": checkpoint_path(root, "lp", key),
-            }
-            stages["lp"].append(PlannedRun("lp", key, spec))
-    for aux in config.aux_datasets if needs_pool and borrowed is None else []:
+        for trial_seed in dict.fromkeys(lp_seed(config, s) for s in config.trial_seeds):
+            stages["lp"].append(_lp_run(config, common, root, config.dataset, test_env, trial_seed))
+    aux_datasets = config.aux_datasets if needs_pool and borrowed is None else []
+    for aux in aux_datasets if config.aux_lp else []:
+        stages["lp"].append(_lp_run(config, common, root, aux, -1, SHARED_LP_SEED))
+    for aux in aux_datasets:
+        head = checkpoint_path(root, "lp", lp_key(aux, -1)) if config.aux_lp else None
         for hparams_seed in range(config.aux_n_hparams):
             key = aux_key(aux, hparams_seed)
             spec = {
@@ -150,13 +186,16 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
                 "test_env": -1,
                 "hparams_seed": hparams_seed,
                 "steps": config.aux_steps,
+                "lp_head": head,
                 "out": checkpoint_path(root, "aux", key),
             }
             stages["aux"].append(PlannedRun("aux", key, spec))
     aux_dir = borrowed if borrowed is not None else [storage.join(root, CHECKPOINTS, "aux")]
     for test_env in [] if pool_only else config.test_envs:
         for trial_seed in config.trial_seeds:
-            lp_key = f"lp-{config.dataset}-e{test_env}-s{trial_seed}"
+            head = checkpoint_path(
+                root, "lp", lp_key(config.dataset, test_env, lp_seed(config, trial_seed))
+            )
             for hparams_seed in range(config.n_hparams):
                 for init in config.inits:
                     key = (
@@ -171,7 +210,9 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
                         "hparams_seed": hparams_seed,
                         "init": init,
                         "steps": config.steps,
-                        "lp_head": checkpoint_path(root, "lp", lp_key),
+                        "lp_head": head,
+                        "lp_per_trial_seed": config.lp_per_trial_seed,
+                        "keep": config.target_keep,
                         "aux_dir": aux_dir if init != "pretrained" else [],
                         "fusing_range": config.fusing_range,
                         "ratatouille_choice": config.ratatouille_choice,

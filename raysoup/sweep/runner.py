@@ -23,12 +23,18 @@ from ray.actor import ActorHandle
 
 from raysoup.io import storage as io_storage
 from raysoup.io.storage import Location
-from raysoup.options import OptionsError, from_mapping
+from raysoup.options import OptionsError
 from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
 from raysoup.soup.greedy import rank_key
 from raysoup.soup.group import GroupKey, Offer
 from raysoup.soup.maker import METHODS, SoupMaker, describe
-from raysoup.sweep.config import SweepConfig
+from raysoup.sweep.config import (
+    ADDED_LATER,
+    RECORD_VERSION,
+    SweepConfig,
+    adopt_record,
+    config_from_record,
+)
 from raysoup.sweep.plan import PlannedRun, plan_sweep
 from raysoup.sweep.trainable import run_trial
 
@@ -50,25 +56,42 @@ def read_config(root: Location) -> SweepConfig:
     path = io_storage.join(root, CONFIG_FILE)
     if not io_storage.exists(path):
         raise FileNotFoundError(f"{root} holds no sweep: {CONFIG_FILE} is missing")
-    record = json.loads(io_storage.read_bytes(path))
-    return from_mapping(SweepConfig, record["config"], str(path))
+    return config_from_record(json.loads(io_storage.read_bytes(path)), str(path))
 
 
-def record_config(root: Location, config: SweepConfig) -> None:
-    """Write the config on first run; refuse a different config under the same name."""
+def record_config(root: Location, config: SweepConfig) -> SweepConfig:
+    """Write the config on first run; refuse a different config under the same name.
+
+    Returns the config to run: ``config`` itself, except when resuming a sweep recorded
+    before ``RECORD_VERSION`` 2, which keeps the behaviour it was started with
+    (``adopt_record``: e.g. ``target_keep: last``, one LP per trial seed, no aux LP).
+    """
     path = io_storage.join(root, CONFIG_FILE)
     if io_storage.exists(path):
         stored = json.loads(io_storage.read_bytes(path))
+        if stored.get("version", 1) < RECORD_VERSION:
+            config, adopted = adopt_record(config, stored.get("config", {}))
+            if adopted:
+                print(
+                    f"raysoup: {root} was recorded by an earlier raysoup: resuming it as it "
+                    f"began, with {adopted} (a new --name runs today's defaults)",
+                    file=sys.stderr,
+                )
         if stored.get("fingerprint") != config.fingerprint():
-            old, new = stored.get("config", {}), config.to_dict()
+            old, new = {**ADDED_LATER, **stored.get("config", {})}, config.to_dict()
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise OptionsError(
                 f"{root} already holds sweep {config.name!r} with a different config "
                 f"(changed: {changed}); use another --name, or the original config to resume"
             )
-        return
-    record = {"fingerprint": config.fingerprint(), "config": config.to_dict()}
+        return config
+    record = {
+        "version": RECORD_VERSION,
+        "fingerprint": config.fingerprint(),
+        "config": config.to_dict(),
+    }
     io_storage.write_bytes_atomic(path, json.dumps(record, indent=2).encode())
+    return config
 
 
 def _trial_config(run: PlannedRun, root: Location, config: SweepConfig) -> dict:
@@ -136,7 +159,7 @@ def run_sweep(config: SweepConfig, storage: Location) -> Location:
     experiment root (a ``Path`` for local storage, a URI string otherwise)."""
     config.validate()
     root = experiment_root(storage, config.name)
-    record_config(root, config)
+    config = record_config(root, config)
     plan = plan_sweep(config, root)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)

@@ -17,6 +17,7 @@ from raysoup.models.networks import ARCHS, SMALL_ARCHS
 from raysoup.options import OptionsError
 from raysoup.sweep.config import SweepConfig
 from raysoup.training.hparams import REGISTRIES
+from raysoup.training.trainer import EVAL_SCHEDULES
 
 DATASETS = {cls.NAME: cls for cls in DOMAINBED_DATASETS}
 
@@ -24,7 +25,27 @@ DATASETS = {cls.NAME: cls for cls in DOMAINBED_DATASETS}
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Network, hparams, resources and cluster options (the same for every script)."""
     add = parser.add_argument
-    add("--checkpoint-freq", type=int, default=None, help="evaluate every N steps")
+    add(
+        "--checkpoint-freq",
+        type=int,
+        default=None,
+        help="evaluate every N steps (default: the dataset's, as DiWA: 100, VLCS 50, "
+        "DomainNet 500)",
+    )
+    add(
+        "--eval-schedule",
+        default="reference",
+        choices=EVAL_SCHEDULES,
+        help="reference: after update 1, 1+N, 1+2N, ... and the last (DomainBed); "
+        "multiples: after updates N, 2N, ... and the last",
+    )
+    add(
+        "--aux-lp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an LP per auxiliary dataset whose head starts its auxiliary runs (reference); "
+        "--no-aux-lp: aux runs train the head alone for lp_steps first",
+    )
     add(
         "--arch",
         default=None,
@@ -59,6 +80,8 @@ def run_option_values(args: argparse.Namespace) -> dict[str, Any]:
     """The ``SweepConfig`` values of :func:`add_run_options` (``--address`` is not one)."""
     return {
         "checkpoint_freq": args.checkpoint_freq,
+        "eval_schedule": args.eval_schedule,
+        "aux_lp": args.aux_lp,
         "arch": args.arch,
         "pretrained_weights": args.pretrained_weights,
         "hparams_registry": args.hparams_registry,

@@ -60,6 +60,7 @@ def trial_row(sweep: str, key: str, meta: CheckpointMeta, checkpoint: Path | str
         "content_hash": meta.content_hash,
         "status": "done",
         "wall_s": metrics.get("wall_s"),
+        "kept_step": metrics.get("step"),  # the evaluation the checkpoint is (updates done)
     }
 
 

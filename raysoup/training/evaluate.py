@@ -16,9 +16,9 @@ from raysoup.data.splits import EnvSplit
 def count_correct(
     network: nn.Module, batches: Iterable[Batch], device: torch.device, amp: bool = False
 ) -> tuple[int, int]:
-    """``(correct, total)`` over the batches; the network is put in eval mode and restored."""
-    # Restore every module's own mode afterwards, not the root's for all: a frozen
-    # featurizer (eval mode inside a training network) must stay frozen after an evaluation.
+    """``(correct, total)`` over the batches; the network is put in eval mode, then every
+    module gets its own mode back (a frozen featurizer stays in eval mode in a train-mode
+    network: ``network.train()`` would switch its BatchNorm statistics back on)."""
     modes = [(module, module.training) for module in network.modules()]
     network.eval()
     correct = total = 0
@@ -31,8 +31,8 @@ def count_correct(
             correct += int((logits.argmax(dim=1) == y).sum())
             total += int(y.numel())
     finally:
-        for module, mode in modes:
-            module.training = mode
+        for module, training in modes:
+            module.training = training
     return correct, total
 
 

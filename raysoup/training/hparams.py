@@ -60,7 +60,8 @@ def _domainbed(small_images: bool, dataset: str) -> list[HparamSpec]:
         HparamSpec("resnet18", False, lambda r: False),
         HparamSpec("resnet_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5]))),
         HparamSpec("class_balanced", False, lambda r: False),
-        HparamSpec("nonlinear_classifier", False, lambda r: bool(r.choice([False, True]))),
+        # DomainBed fixed it to False ("nonlinear classifiers disabled") for reproducibility.
+        HparamSpec("nonlinear_classifier", False, lambda r: False),
         HparamSpec("lp_steps", 200, lambda r: 200),
     ]
     if small_images:

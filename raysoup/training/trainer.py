@@ -6,14 +6,22 @@ Stages (what a run trains and starts from):
 - ``lp``     — linear probe: the classifier head alone, on the frozen pretrained
   featurizer; kept at its best ID-val evaluation (as the reference keeps ``network_best``).
 - ``aux``    — an auxiliary run: all envs of an auxiliary dataset (``test_env = -1``),
-  from the pretrained featurizer; the last step is kept (the reference's
-  ``featurizer_last``).
+  from the pretrained featurizer and, in a sweep, the head of that dataset's LP; the last
+  step is kept (the reference's ``featurizer_last``).
 - ``target`` — a target run from one init strategy; the head comes from the LP
-  checkpoint (``lp_head``). The last step is kept by default (``keep``).
+  checkpoint (``lp_head``). The best ID-val evaluation is kept by default (``keep``), as
+  the reference's ``model_best.pkl``, which its soups load.
 
 A run whose featurizer comes from the auxiliary pool, or that has no LP head to start
 from, first trains the head alone for ``lp_steps`` steps (featurizer frozen, in eval
 mode), then rebuilds Adam over all parameters, as ModelRatatouille does.
+
+Evaluations (``eval_schedule``): ``reference`` evaluates where DomainBed's train.py does,
+``step % CHECKPOINT_FREQ == 0`` on its 0-based step, i.e. after the 1st update, then
+every ``CHECKPOINT_FREQ`` updates, and after the last; ``multiples`` after updates
+``CHECKPOINT_FREQ``, ``2 CHECKPOINT_FREQ``, ... and the last. ``step`` in metrics counts
+updates done (the reference's ``step`` + 1); a checkpoint's metrics are those of the
+evaluation it kept, ``step`` included.
 """
 
 from __future__ import annotations
@@ -68,8 +76,9 @@ from raysoup.training.inits import (
 
 STAGES = ("base", "lp", "aux", "target")
 KEEP = ("last", "best")
+EVAL_SCHEDULES = ("reference", "multiples")
 BASE_RECIPE_VERSION = 1  # bump when the base network's training changes
-DEFAULT_KEEP = {"base": "last", "lp": "best", "aux": "last", "target": "last"}
+DEFAULT_KEEP = {"base": "last", "lp": "best", "aux": "last", "target": "best"}
 
 
 @dataclass
@@ -96,8 +105,21 @@ class RunSpec:
     lp_head: Path | str | None = option(
         None, help="LP checkpoint (path or URI) whose classifier head starts the run"
     )
+    lp_per_trial_seed: bool = option(
+        False,
+        help="the LP head must come from this run's own trial seed; default: trial seed 0's "
+        "head is accepted too (one LP per dataset and test env, shared, as the reference)",
+    )
     steps: int | None = option(None, help="training steps (default: the dataset's N_STEPS)")
-    checkpoint_freq: int | None = option(None, help="evaluate every N steps")
+    checkpoint_freq: int | None = option(
+        None, help="evaluate every N steps (default: the dataset's CHECKPOINT_FREQ)"
+    )
+    eval_schedule: str = option(
+        "reference",
+        help="reference: after update 1, 1+N, 1+2N, ... and the last (DomainBed's "
+        "step %% N == 0); multiples: after updates N, 2N, ... and the last",
+        choices=EVAL_SCHEDULES,
+    )
     arch: str | None = option(None, help="network (default: the dataset's)", choices=ARCHS)
     hparams_registry: str = option("diwa", help="hyperparameter distributions", choices=REGISTRIES)
     hparams_depend_on_trial_seed: bool = option(
@@ -114,7 +136,12 @@ class RunSpec:
         choices=AUX_BUFFERS,
     )
     holdout_fraction: float = option(0.2, help="fraction of each env held out as 'out'")
-    keep: str | None = option(None, help="which step to save (default by stage)", choices=KEEP)
+    keep: str | None = option(
+        None,
+        help="which evaluation to save: best ID-val (strict >, the first maximum) or last "
+        "(default: best for lp and target runs, last for base and aux runs)",
+        choices=KEEP,
+    )
     freeze_bn: bool = option(True, help="ResNet: keep ImageNet BatchNorm statistics (DomainBed)")
     device: str = option("auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
     amp: bool = option(False, help="bfloat16 autocast (mixed precision)")
@@ -140,6 +167,11 @@ class RunSpec:
             raise OptionsError(
                 f"holdout_fraction={self.holdout_fraction}: expected a value in (0, 1)"
             )
+        for name, choices in (("eval_schedule", EVAL_SCHEDULES), ("keep", (None, *KEEP))):
+            if getattr(self, name) not in choices:
+                raise OptionsError(
+                    f"{name}={getattr(self, name)!r}: expected one of {[c for c in choices if c]}"
+                )
         if self.fusing_range < 0:
             raise OptionsError(f"fusing_range={self.fusing_range}: expected a number >= 0")
         if self.stage in ("base", "aux") and self.test_env != -1:
@@ -212,14 +244,38 @@ def _load_part(module: nn.Module, path: Path | str, prefix: str) -> None:
     module.load_state_dict(part)
 
 
+SHARED_LP_SEED = 0  # the reference trains its one LP per (dataset, test env) on trial seed 0
+
+
+def lp_head_problem(
+    run: tuple[str, int, int], head: tuple[str, int, int], per_trial_seed: bool
+) -> str | None:
+    """Why an LP head trained for ``head`` = (dataset, test_env, trial_seed) cannot start
+    run ``run`` (same triple), or ``None`` when it can.
+
+    The dataset and the test env must match: a head from another test env has trained on
+    this run's held-out env. The trial seed must match too with ``per_trial_seed``;
+    otherwise the shared head of trial seed 0 is accepted for every trial seed (the
+    reference's shared LP; its ``in`` splits overlap other seeds' ID-val ``out`` splits).
+    """
+    if head[:2] != run[:2]:
+        return "a head from another dataset or test env would have seen held-out data"
+    if head[2] == run[2] or (not per_trial_seed and head[2] == SHARED_LP_SEED):
+        return None
+    if per_trial_seed:
+        return "lp_per_trial_seed asks for a head of this run's own trial seed"
+    return f"only a head of this run's trial seed or the shared one (seed {SHARED_LP_SEED}) fits"
+
+
 def _check_lp_head(spec: RunSpec, path: Path | str) -> None:
     meta = storage.read_meta(path)
-    expected = (spec.dataset, spec.test_env, spec.trial_seed)
-    found = (meta.dataset, meta.test_env, meta.trial_seed)
-    if found != expected:
+    run = (spec.dataset, spec.test_env, spec.trial_seed)
+    head = (meta.dataset, meta.test_env, meta.trial_seed)
+    problem = lp_head_problem(run, head, spec.lp_per_trial_seed)
+    if problem is not None:
         raise CheckpointError(
-            f"{path}: LP head was trained for (dataset, test_env, trial_seed)={found}, "
-            f"this run is {expected}; a head from other splits would see held-out data"
+            f"{path}: LP head was trained for (dataset, test_env, trial_seed)={head}, "
+            f"this run is {run}: {problem}"
         )
 
 
@@ -288,6 +344,39 @@ def build_start_network(
         _check_lp_head(spec, spec.lp_head)
         _load_part(network.classifier, spec.lp_head, CLASSIFIER_PREFIX)
     return network, plan, pretrained_from
+
+
+def is_eval_step(done: int, steps: int, freq: int, schedule: str) -> bool:
+    """Whether a run of ``steps`` updates evaluates after update number ``done`` (1-based).
+
+    ``reference``: DomainBed's ``step % CHECKPOINT_FREQ == 0 or step == n_steps - 1`` on
+    its 0-based ``step = done - 1``: after the first update, then every ``freq``, and the
+    last. ``multiples``: after every ``freq``-th update and the last.
+    """
+    if schedule not in EVAL_SCHEDULES:
+        raise ValueError(f"eval_schedule={schedule!r}: expected one of {EVAL_SCHEDULES}")
+    if done == steps:
+        return True
+    return (done - 1) % freq == 0 if schedule == "reference" else done % freq == 0
+
+
+class KeepBest:
+    """The evaluation a ``keep="best"`` run saves: the first one with the highest score
+    (strictly greater replaces, as the reference's ``current_score > best_score``)."""
+
+    def __init__(self) -> None:
+        self.score = -math.inf
+        self.state: dict[str, torch.Tensor] | None = None
+        self.metrics: dict[str, Any] = {}
+
+    def offer(
+        self, score: float, metrics: dict[str, Any], state: Callable[[], dict[str, torch.Tensor]]
+    ) -> bool:
+        """Keep ``state()`` (called only then) if ``score`` beats every earlier one."""
+        if not score > self.score:  # NaN never wins
+            return False
+        self.score, self.state, self.metrics = score, state(), metrics
+        return True
 
 
 def _optimizer(params: list[nn.Parameter], hparams: dict[str, Any]) -> torch.optim.Optimizer:
@@ -360,7 +449,7 @@ def train_run(
     optimizer = set_phase(head_only_steps > 0)
     loss_fn = nn.CrossEntropyLoss()
     history: list[dict[str, Any]] = []
-    best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
+    best = KeepBest()
     last_metrics: dict[str, Any] = {}
     for step in range(steps):
         if head_only_steps and step == head_only_steps:  # never true for LP (all head-only)
@@ -373,7 +462,7 @@ def train_run(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if (step + 1) % freq == 0 or step + 1 == steps:
+        if is_eval_step(step + 1, steps, freq, spec.eval_schedule):
             metrics = evaluate_splits(
                 network,
                 dataset,
@@ -388,13 +477,16 @@ def train_run(
             last_metrics = metrics
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}: lower lr?")
-            if keep == "best" and (best is None or metrics["id_val_acc"] > best[0]):
-                state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-                best = (metrics["id_val_acc"], step + 1, state, metrics)
+            if keep == "best":
+                best.offer(
+                    metrics["id_val_acc"],
+                    metrics,
+                    lambda: {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+                )
             if on_eval is not None:
                 on_eval(metrics)
-    if keep == "best" and best is not None:
-        state, final = best[2], best[3]
+    if keep == "best" and best.state is not None:
+        state, final = best.state, best.metrics
     else:
         state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
         final = last_metrics
@@ -408,7 +500,9 @@ def train_run(
         test_env=spec.test_env,
         trial_seed=spec.trial_seed,
         hparams_seed=spec.hparams_seed,
-        hparams=dict(hparams, steps=steps),
+        hparams=dict(
+            hparams, steps=steps, keep=keep, checkpoint_freq=freq, eval_schedule=spec.eval_schedule
+        ),
         init={
             "strategy": plan.strategy,
             "sources": plan.sources,
