@@ -87,3 +87,21 @@ def test_target_run_starts_from_the_shipped_foundation(tmp_path: Path) -> None:
             assert torch.equal(value, foundation[key]), key  # frozen during the LP
     run = train_run(RunSpec(out=tmp_path / "t", steps=10, lp_head=tmp_path / "lp", **common))
     assert run["init_sources"] == ["pretrained"] and 0 <= run["test_acc"] <= 1
+
+
+def test_sweep_plans_no_base_stage_for_the_foundation(tmp_path: Path) -> None:
+    from raysoup.sweep.config import load_config
+    from raysoup.sweep.plan import plan_sweep
+
+    config = load_config(
+        None,
+        dataset=NUISANCE_TARGET,
+        test_envs=[2],
+        aux_datasets=list(NUISANCE_AUXILIARY),
+        aux_n_hparams=1,
+    )
+    plan = plan_sweep(config, tmp_path)
+    assert "base" not in plan and {"lp", "aux", "target"} <= set(plan)
+    for runs in plan.values():
+        for run in runs:
+            assert run.spec["pretrained"] is None  # the trainer takes the shipped foundation

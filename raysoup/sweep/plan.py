@@ -5,7 +5,7 @@ checkpoint folder name), so a resumed sweep recognises what it already has. The 
 a local path or a URI (``s3://bucket/runs/<name>``); paths in the plan are then ``Path``
 objects or URI strings (``raysoup.io.storage.join``), with the same layout.
 
-    base    (built-in only)  -> checkpoints/base/base
+    base    (built-in `cnn` only) -> checkpoints/base/base
     lp      per test env, on trial seed 0, shared by every trial seed (with
             lp_per_trial_seed: per (test env, trial seed)) -> checkpoints/lp/lp-<d>-e<env>-s<seed>
             per aux dataset, all envs, trial seed 0 (aux_lp) -> checkpoints/lp/lp-<aux>-all
@@ -148,10 +148,10 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
     pool_only = config.dataset is None
     needs_pool = pool_only or any(init != "pretrained" for init in config.inits)
     borrowed = check_aux_pool(config) if config.aux_pool is not None and needs_pool else None
-    if pool_only:
-        builtin = any(dataset_class(aux).IS_BUILTIN for aux in config.aux_datasets)
-    else:
-        builtin = dataset_class(config.dataset).IS_BUILTIN
+    # Only the `cnn` network trains a base stage; `glyphcnn` starts from the foundation
+    # shipped in the package, ResNets from ImageNet.
+    datasets = config.aux_datasets if pool_only else [config.dataset]
+    builtin = any((config.arch or dataset_class(name).DEFAULT_ARCH) == "cnn" for name in datasets)
     common = _common(config)
     stages: dict[str, list[PlannedRun]] = {stage: [] for stage in STAGE_ORDER}
     pretrained = None
