@@ -76,7 +76,7 @@ def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> No
     assert (soups[every_seed].trial_seed == -1).all() and soups[every_seed].id_val_acc.isna().all()
     assert soups.test_acc.between(0, 1).all() and soups[~every_seed].id_val_acc.between(0, 1).all()
     for row in soups.itertuples():
-        assert is_checkpoint(row.checkpoint) or row.method == "ensemble", row.checkpoint
+        assert row.method == "ensemble" or is_checkpoint(row.checkpoint), row.checkpoint
     assert soups[soups.method == "ensemble"].checkpoint.isna().all()
     assert set(target.kept_step) <= {1, 21, 40}  # keep best, on the reference schedule
     erm = soups[soups.method == "erm"].set_index("init")
