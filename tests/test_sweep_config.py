@@ -75,7 +75,7 @@ def test_fingerprint_changes_with_what_is_computed(tmp_path) -> None:
         assert a.fingerprint() != load_config(None, **switch).fingerprint(), switch
     assert a.fingerprint() != load_config(None, eval_schedule="multiples").fingerprint()
     assert (
-        load_config(_write(tmp_path, "n_hparams: 4\n")).fingerprint()
+        load_config(_write(tmp_path, "n_hparams: 4\naux_n_hparams: 1\n")).fingerprint()
         == load_config(None, n_hparams=4).fingerprint()
     )
 
@@ -84,7 +84,8 @@ def test_plan_covers_every_stage_with_stable_keys(tmp_path) -> None:
     config = load_config(None, n_hparams=2, trial_seeds=[0, 1], test_envs=[0, 5])
     plan = plan_sweep(config, tmp_path)
     assert list(plan) == ["base", "lp", "aux", "target"]
-    assert len(plan["aux"]) == 3 * 4  # aux_n_hparams: 4, as ModelRatatouille's README
+    assert len(plan["aux"]) == 3 * 1  # the quickstart's aux_n_hparams (a config file: 4)
+    assert SweepConfig().aux_n_hparams == 4  # as ModelRatatouille's README
     assert len(plan["target"]) == 2 * 2 * 2 * 3
     keys = [r.key for runs in plan.values() for r in runs]
     assert len(keys) == len(set(keys))
