@@ -30,6 +30,7 @@ target image is ever trained on by the foundation or an auxiliary run.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import numpy as np
@@ -79,14 +80,10 @@ class RenderedDataset(MultiDomainDataset):
         return envs
 
 
-_CACHE: dict[type, list[TensorEnv]] = {}
-
-
+@functools.cache
 def _built(cls: type[RenderedDataset]) -> list[TensorEnv]:
     """Rendering is deterministic: once per process and dataset (images are read-only)."""
-    if cls not in _CACHE:
-        _CACHE[cls] = cls.build(cls.__new__(cls))
-    return _CACHE[cls]
+    return cls.build(cls.__new__(cls))
 
 
 # ---------------------------------------------------------------- the target
