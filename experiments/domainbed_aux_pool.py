@@ -33,7 +33,7 @@ from raysoup.options import OptionsError, from_mapping
 from raysoup.results import load_results
 from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import SweepConfig
-from raysoup.sweep.runner import run_sweep
+from raysoup.sweep.runner import run_sweep_status
 from raysoup.sweep.script_options import (
     DATASETS,
     add_run_options,
@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as error:
         parser.error(str(error))  # exit code 2, before Ray starts
     connect(args.address)
-    root = run_sweep(config, args.storage)
+    root, code = run_sweep_status(config, args.storage)  # 3: some runs failed (stderr)
     trials = load_results(root)["trials"]
     aux = trials[trials.stage == "aux"].sort_values("trial_id")
     print(aux[SUMMARY].to_string(index=False))
     print(f"pool: {root}  (give target sweeps --aux-pool {root})")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from raysoup.results import load_results, sweep_table
 from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import SweepConfig
 from raysoup.sweep.plan import plan_sweep
-from raysoup.sweep.runner import experiment_root, run_sweep
+from raysoup.sweep.runner import experiment_root, run_sweep_status
 from raysoup.sweep.script_options import (
     DATASETS,
     add_run_options,
@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as error:
         parser.error(str(error))  # exit code 2, before Ray starts
     connect(args.address)
-    root = run_sweep(config, args.storage)
+    root, code = run_sweep_status(config, args.storage)  # 3: some runs failed (stderr)
     print(sweep_table(load_results(root), dataset=config.dataset))
     print(f"results: {storage.join(root, 'results')}")  # root is a URI string on s3://
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from raysoup.options import OptionsError
 from raysoup.results import load_results, sweep_table
 from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import load_config
-from raysoup.sweep.runner import run_sweep
+from raysoup.sweep.runner import run_sweep_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as error:
         parser.error(str(error))  # exit code 2
     connect(args.address)
-    root = run_sweep(config, args.storage)
+    root, code = run_sweep_status(config, args.storage)  # 3: some runs failed (stderr)
     print(sweep_table(load_results(root), dataset=config.dataset))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -33,13 +33,13 @@ def _run(args: argparse.Namespace) -> int:
     from raysoup.io.storage import join
     from raysoup.results import load_results, sweep_table
     from raysoup.sweep.config import load_config
-    from raysoup.sweep.runner import RESULTS, run_sweep
+    from raysoup.sweep.runner import RESULTS, run_sweep_status
 
     config = load_config(args.config, name=args.name)  # validated before Ray starts
-    root = run_sweep(config, args.storage)
+    root, code = run_sweep_status(config, args.storage)  # code 3: some runs failed
     print(sweep_table(load_results(root), dataset=config.dataset))
     print(f"results: {join(root, RESULTS)}")
-    return 0
+    return code
 
 
 def _results(args: argparse.Namespace) -> int:

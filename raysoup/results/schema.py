@@ -87,6 +87,13 @@ _TRIALS = [
     Column("wall_s", pa.float64(), required=False),
 ]
 
+# A failed trial (status "failed"): the first line of its error, and the file holding the
+# full traceback (null on done rows). Typed and in every part, so pd.read_parquet sees them.
+_FAILURE_EXTRAS = [
+    Column("error", pa.string(), required=False),
+    Column("error_file", pa.string(), required=False),
+]
+
 _GROUP_EXTRAS = [
     Column("dataset", pa.string(), required=False),
     Column("test_env", pa.int64(), required=False),
@@ -121,10 +128,16 @@ _SOUPS = [
     Column("checkpoint", pa.string(), required=False),
 ]
 
+# How many trials a soup chose from, of how many were planned (fewer: some failed).
+_SOUP_EXTRAS = [
+    Column("n_trials", pa.int64(), required=False),
+    Column("n_planned", pa.int64(), required=False),
+]
+
 COLUMNS: dict[str, list[Column]] = {
-    "trials": _TRIALS + _env_columns(MIN_ENVS),
+    "trials": _TRIALS + _FAILURE_EXTRAS + _env_columns(MIN_ENVS),
     "soup_steps": _SOUP_STEPS,
-    "soups": _SOUPS,
+    "soups": _SOUPS + _SOUP_EXTRAS,
 }
 # The contract's own columns (for docs and tests); COLUMNS adds typed optional extras.
 CONTRACT_COLUMNS: dict[str, list[str]] = {

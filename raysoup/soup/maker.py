@@ -454,6 +454,7 @@ class SoupMaker:
         test: float,
         checkpoint: str | None,
     ) -> dict[str, Any]:
+        members = self._members(key) if key.trial_seed == ALL_SEEDS else [key]
         return {
             "sweep": self.sweep,
             "method": method,
@@ -464,7 +465,18 @@ class SoupMaker:
             "test_acc": float(test),
             "checkpoint": checkpoint,
             "accept": self.accept,
+            "n_trials": sum(len(self.groups[k].offers) for k in members),
+            "n_planned": self.n_planned(key),
         }
+
+    def n_planned(self, key: GroupKey) -> int | None:
+        """The trials planned for a group (for an all-seeds key: for all of its groups);
+        ``None`` when the maker was not told (post hoc, without a plan)."""
+        if key.trial_seed == ALL_SEEDS:
+            planned = [ids for k, ids in self.expected.items() if k.all_seeds == key]
+        else:
+            planned = [self.expected[key]] if key in self.expected else []
+        return sum(len(ids) for ids in planned) if planned else None
 
     # ------------------------------------------------------------ views
 

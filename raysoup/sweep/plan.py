@@ -221,3 +221,23 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
                     }
                     stages["target"].append(PlannedRun("target", key, spec))
     return {stage: runs for stage, runs in stages.items() if runs}
+
+
+def dependencies(run: PlannedRun, plan: dict[str, list[PlannedRun]]) -> list[str]:
+    """The keys of the planned runs whose checkpoints ``run`` starts from.
+
+    Its ``pretrained`` network (the base) and its ``lp_head``; and, for a target run with
+    an auxiliary init, every run of this sweep's aux stage: the init is picked by index
+    from the whole pool (``hparams_seed % n_runs``), so a pool missing one run would
+    silently give it another featurizer than planned. A borrowed pool (``aux_pool``) is
+    complete by then (``check_aux_pool``).
+    """
+    by_out = {str(other.spec["out"]): other.key for runs in plan.values() for other in runs}
+    keys = [
+        by_out[str(run.spec[name])]
+        for name in ("pretrained", "lp_head")
+        if run.spec.get(name) is not None and str(run.spec[name]) in by_out
+    ]
+    if run.stage == "target" and run.spec.get("init", "pretrained") != "pretrained":
+        keys += [aux.key for aux in plan.get("aux", [])]
+    return keys

@@ -7,6 +7,13 @@ Layout: ``sweep.json`` (the config, to refuse a different one under the same nam
 Resume: a stage whose checkpoints all exist is skipped; an unfinished stage is restored
 (errored trials resumed); a trial whose checkpoint exists reports it without retraining.
 
+Failures: a run that still fails after ``max_failures`` retries gets a ``trials`` row with
+``status = "failed"``, the first line of its error and ``error_file``, the full text under
+``failures/<stage>/<key>.txt``; runs that start from its checkpoint are not attempted
+(failed too, naming it); everything else goes on, and the soups use the trials there are.
+``run_sweep`` then raises ``TrialsFailedError`` (``raysoup run`` exits with
+``EXIT_TRIALS_FAILED``); the same command again retries the failed runs alone.
+
 Storage: ``<storage>`` is a local path or any ``pyarrow.fs`` URI (``s3://bucket/runs``);
 every file goes through ``raysoup.io.storage``, and Tune gets the same filesystem.
 """
@@ -16,14 +23,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray import tune
 from ray.actor import ActorHandle
 
+from raysoup.data.registry import dataset_class
 from raysoup.io import storage as io_storage
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
+from raysoup.results import ResultsStore
 from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
 from raysoup.soup.greedy import rank_key
 from raysoup.soup.group import GroupKey, Offer
@@ -35,15 +48,46 @@ from raysoup.sweep.config import (
     adopt_record,
     config_from_record,
 )
-from raysoup.sweep.plan import PlannedRun, plan_sweep
-from raysoup.sweep.trainable import run_trial
+from raysoup.sweep.plan import PlannedRun, dependencies, plan_sweep
+from raysoup.sweep.trainable import HPARAM_COLUMNS, run_trial
+from raysoup.training.hparams import sample_hparams
 
 CONFIG_FILE = "sweep.json"
 RESULTS = "results"
+FAILURES = "failures"  # <root>/failures/<stage>/<key>.txt: the full error of a failed run
+EXIT_TRIALS_FAILED = 3  # `raysoup run`: the sweep ended, but some runs failed
 
 
 class SweepError(RuntimeError):
     """A stage of the sweep could not finish."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A run that failed (after its retries), or was not attempted because a run it
+    starts from failed."""
+
+    stage: str
+    key: str
+    error: str  # one line
+    error_file: str  # where the full error is (a blocked run: its dependency's)
+
+    def describe(self) -> str:
+        return f"{self.key}: {self.error} (see {self.error_file})"
+
+
+class TrialsFailedError(SweepError):
+    """The sweep ended with soups of every run that could finish, but some runs failed;
+    the same command again retries them."""
+
+    def __init__(self, root: Location, failures: list[Failure]) -> None:
+        self.root = root
+        self.failures = failures
+        lines = [f"  {failure.describe()}" for failure in failures]
+        super().__init__(
+            f"{len(failures)} run(s) failed; the soups use the others. Run the same command "
+            f"again to retry them:\n" + "\n".join(lines)
+        )
 
 
 def experiment_root(storage: Location, name: str) -> Location:
@@ -109,29 +153,129 @@ def _tune_storage(root: Location) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
-def run_stage(
+def error_summary(error: BaseException | None) -> str:
+    """One line naming what went wrong: the remote exception's type and first line (a
+    ``RayTaskError`` carries the trial's own exception as ``cause``)."""
+    if error is None:
+        return "the run did not finish and Tune recorded no error"
+    cause = getattr(error, "cause", None)
+    error = cause if isinstance(cause, BaseException) else error
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def error_text(error: BaseException | None) -> str:
+    """The full error of a failed run (a ``RayTaskError``'s text holds the remote traceback)."""
+    if error is None:
+        return error_summary(None) + "\n"
+    if getattr(error, "cause", None) is not None:
+        return str(error) + "\n"
+    return "".join(traceback.format_exception(error))
+
+
+def failure_file(root: Location, stage: str, key: str) -> Location:
+    return io_storage.join(root, FAILURES, stage, f"{key}.txt")
+
+
+def failed_row(sweep: str, run: PlannedRun, failure: Failure) -> dict[str, Any]:
+    """The ``trials`` row of a failed run, from its plan alone (no checkpoint exists)."""
+    spec = run.spec
+    row: dict[str, Any] = {
+        "sweep": sweep,
+        "stage": run.stage,
+        "trial_id": run.key,
+        "dataset": spec["dataset"],
+        "test_env": spec["test_env"],
+        "trial_seed": spec.get("trial_seed", 0),
+        "hparams_seed": spec.get("hparams_seed", 0),
+        "init": spec.get("init", "pretrained") if run.stage == "target" else None,
+        "status": "failed",
+        "error": failure.error,
+        "error_file": failure.error_file or None,
+    }
+    if run.stage != "base":  # the hyperparameters it failed with (e.g. a diverging lr)
+        hparams = sample_hparams(
+            spec["dataset"],
+            row["hparams_seed"],
+            row["trial_seed"],
+            registry=spec.get("hparams_registry", "diwa"),
+            small_images=dataset_class(spec["dataset"]).SMALL_IMAGES,
+            hparams_depend_on_trial_seed=spec.get("hparams_depend_on_trial_seed", False),
+            overrides=spec.get("hparams"),
+        )
+        row.update({k: hparams[k] for k in HPARAM_COLUMNS if k in hparams})
+        row["steps"] = spec.get("steps")
+    return row
+
+
+def blocked_runs(
+    runs: list[PlannedRun],
+    plan: Mapping[str, list[PlannedRun]],
+    failed: Mapping[str, Failure],
+) -> dict[str, list[str]]:
+    """``{key: failed dependencies}`` of the runs that cannot start: one of the runs whose
+    checkpoint they start from failed (``plan.dependencies``)."""
+    blocked = {}
+    for run in runs:
+        missing = [key for key in dependencies(run, dict(plan)) if key in failed]
+        if missing:
+            blocked[run.key] = missing
+    return blocked
+
+
+def record_failure(
+    root: Location,
+    config: SweepConfig,
+    run: PlannedRun,
+    error: str,
+    text: str | None = None,
+    error_file: str | None = None,
+) -> Failure:
+    """Write a failed run's ``trials`` row (the done row's part: a later success replaces
+    it) and, given ``text``, its error file; else ``error_file`` names the root cause's."""
+    if text is not None:
+        path = failure_file(root, run.stage, run.key)
+        io_storage.write_bytes_atomic(path, text.encode())
+        error_file = str(path)
+    failure = Failure(run.stage, run.key, error, error_file or "")
+    store = ResultsStore(str(io_storage.join(root, RESULTS)))
+    store.append("trials", [failed_row(config.name, run, failure)], part_key=run.key)
+    return failure
+
+
+def _covers(tuner: tune.Tuner, keys: set[str]) -> bool:
+    """Whether a restored Tune experiment holds a trial for every key (it does not when
+    runs blocked by a failed dependency last time can run now)."""
+    try:
+        grid = tuner.get_results()
+    except RuntimeError:  # no readable results: start afresh
+        return False
+    return keys <= {result.config["run"]["key"] for result in grid if result.config}
+
+
+def _fit(
     stage: str,
     runs: list[PlannedRun],
     root: Location,
     config: SweepConfig,
-    callbacks: list[tune.Callback] | None = None,
-) -> None:
-    todo = [run for run in runs if not io_storage.is_checkpoint(run.spec["out"])]
-    if not todo:
-        print(f"raysoup: stage {stage}: all {len(runs)} runs done, skipped", file=sys.stderr)
-        return
-    print(f"raysoup: stage {stage}: {len(todo)} of {len(runs)} runs to do", file=sys.stderr)
+    callbacks: list[tune.Callback] | None,
+) -> dict[str, BaseException | None]:
+    """Run ``runs`` with Tune (restoring the stage's experiment if it covers them);
+    returns ``{key: error}`` of the trials that ended in an error."""
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     trainable = tune.with_resources(run_trial, resources)
     tune_storage = _tune_storage(root)
     path = f"{tune_storage['storage_path']}/{stage}"
     filesystem = tune_storage.get("storage_filesystem")
+    tuner = None
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         # The callbacks come back from the saved experiment state.
         tuner = tune.Tuner.restore(
             path, trainable, resume_errored=True, storage_filesystem=filesystem
         )
-    else:
+        if not _covers(tuner, {run.key for run in runs}):
+            tuner = None  # a new experiment in the same folder; Tune restores the newest
+    if tuner is None:
         tuner = tune.Tuner(
             trainable,
             param_space={"run": tune.grid_search([_trial_config(r, root, config) for r in runs])},
@@ -145,55 +289,134 @@ def run_stage(
             ),
         )
     grid = tuner.fit()
-    missing = [run.key for run in runs if not io_storage.is_checkpoint(run.spec["out"])]
-    if missing or grid.errors:
-        raise SweepError(
-            f"stage {stage}: {len(missing)} run(s) did not finish ({missing[:5]}); "
-            f"errors: {[str(e).splitlines()[0] for e in grid.errors[:3]]}. "
-            f"Run the same command again to resume."
-        )
+    return {
+        result.config["run"]["key"]: result.error
+        for result in grid
+        if result.error is not None and result.config
+    }
+
+
+def run_stage(
+    stage: str,
+    runs: list[PlannedRun],
+    root: Location,
+    config: SweepConfig,
+    callbacks: list[tune.Callback] | None = None,
+    *,
+    plan: Mapping[str, list[PlannedRun]] | None = None,
+    failed: Mapping[str, Failure] | None = None,
+) -> list[Failure]:
+    """Run a stage's unfinished runs; returns those that failed, or could not start
+    because a run in ``failed`` (earlier stages) they depend on failed."""
+    missing = [run for run in runs if not io_storage.is_checkpoint(run.spec["out"])]
+    if not missing:
+        print(f"raysoup: stage {stage}: all {len(runs)} runs done, skipped", file=sys.stderr)
+        return []
+    failed = failed or {}
+    blocked = blocked_runs(missing, plan or {stage: runs}, failed)
+    failures = []
+    for run in (run for run in missing if run.key in blocked):
+        cause = failed[blocked[run.key][0]]
+        error = f"not attempted: depends on failed run(s) {blocked[run.key]} ({cause.error})"
+        failures.append(record_failure(root, config, run, error, error_file=cause.error_file))
+    todo = [run for run in missing if run.key not in blocked]
+    print(
+        f"raysoup: stage {stage}: {len(todo)} of {len(runs)} runs to do"
+        + (f", {len(blocked)} blocked by failed runs" if blocked else ""),
+        file=sys.stderr,
+    )
+    if not todo:
+        return failures
+    # Done runs come along (they re-report without retraining); blocked ones cannot.
+    errors = _fit(stage, [run for run in runs if run.key not in blocked], root, config, callbacks)
+    for run in todo:
+        if not io_storage.is_checkpoint(run.spec["out"]):
+            error = errors.get(run.key)
+            failures.append(
+                record_failure(root, config, run, error_summary(error), error_text(error))
+            )
+    return failures
 
 
 def run_sweep(config: SweepConfig, storage: Location) -> Location:
     """Run (or resume) every stage under ``storage`` (a local path or a URI); returns the
-    experiment root (a ``Path`` for local storage, a URI string otherwise)."""
+    experiment root (a ``Path`` for local storage, a URI string otherwise).
+
+    Raises ``TrialsFailedError`` (its ``root`` is that root) once every stage is over and
+    every soup written when some runs failed; the warning lists them on stderr.
+    """
     config.validate()
     root = experiment_root(storage, config.name)
     config = record_config(root, config)
     plan = plan_sweep(config, root)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    failed: dict[str, Failure] = {}
     for stage, runs in plan.items():
+        callbacks = []
+        if stage == "target":
+            soup = start_soup(root, config, runs)
+            callbacks = [SoupFeeder(actor_name(config.name, root))]
+        for failure in run_stage(stage, runs, root, config, callbacks, plan=plan, failed=failed):
+            failed[failure.key] = failure
         if stage != "target":
-            run_stage(stage, runs, root, config)
             continue
-        soup = start_soup(root, config, runs)
-        run_stage(stage, runs, root, config, callbacks=[SoupFeeder(actor_name(config.name, root))])
         hand_over(soup, runs)  # idempotent: whatever the actor already has is skipped
+        # Groups with failed trials never complete: finalize them with the trials there are.
         for row in ray.get(soup.finalize.remote()):
             print(f"raysoup: soup {describe(row)}", file=sys.stderr)
-        for group in ray.get(soup.summary.remote()):
-            if group["trials"] < group["expected"]:
-                print(
-                    f"raysoup: warning: soups of {group['group']} use {group['trials']} of "
-                    f"{group['expected']} trials (see the soup actor's log)",
-                    file=sys.stderr,
-                )
+        summary = ray.get(soup.summary.remote())
+        for line in incomplete_groups(planned_groups(runs), summary):
+            print(f"raysoup: warning: {line}", file=sys.stderr)
+    if failed:
+        error = TrialsFailedError(root, list(failed.values()))
+        print(f"raysoup: warning: {error}", file=sys.stderr)
+        raise error
     return root
+
+
+def run_sweep_status(config: SweepConfig, storage: Location) -> tuple[Location, int]:
+    """``run_sweep`` for commands and scripts: ``(root, exit code)``, the code 0 or
+    ``EXIT_TRIALS_FAILED`` when some runs failed (listed on stderr by then), so that the
+    caller still prints the results of everything else."""
+    try:
+        return run_sweep(config, storage), 0
+    except TrialsFailedError as error:
+        return error.root, EXIT_TRIALS_FAILED
+
+
+def planned_groups(runs: list[PlannedRun]) -> dict[GroupKey, list[str]]:
+    """The target runs of each soup group (dataset, test env, trial seed, init)."""
+    groups: dict[GroupKey, list[str]] = {}
+    for run in runs:
+        spec = run.spec
+        key = GroupKey(spec["dataset"], spec["test_env"], spec["trial_seed"], spec["init"])
+        groups.setdefault(key, []).append(run.key)
+    return groups
+
+
+def incomplete_groups(
+    planned: Mapping[GroupKey, list[str]], summary: list[dict[str, Any]]
+) -> list[str]:
+    """One line per soup group with fewer trials than planned (none: no soups at all)."""
+    souped = {group["group"]: group["trials"] for group in summary}
+    lines = []
+    for key, runs in sorted(planned.items()):
+        n = souped.get(key.slug, 0)
+        if n == 0:
+            lines.append(f"no trial of {key.slug} finished: it has no soups")
+        elif n < len(runs):
+            lines.append(f"soups of {key.slug} use {n} of {len(runs)} planned trials")
+    return lines
 
 
 def start_soup(root: Location, config: SweepConfig, runs: list[PlannedRun]) -> ActorHandle:
     """The sweep's soup actor, handed every target trial that already finished (a resume:
     trials completed while no actor was listening)."""
-    expected: dict[GroupKey, list[str]] = {}
-    for run in runs:
-        spec = run.spec
-        key = GroupKey(spec["dataset"], spec["test_env"], spec["trial_seed"], spec["init"])
-        expected.setdefault(key, []).append(run.key)
     soup = start_soup_actor(
         root,
         config.name,
-        expected,
+        planned_groups(runs),
         num_cpus=config.soup_cpus,
         num_gpus=config.soup_gpus,
         accept=config.soup_accept,
@@ -250,6 +473,7 @@ def resoup(
         max_models=config.soup_max_models,
         methods=methods,
         persist=False,
+        expected=planned_groups(runs),
     )
     maker.offer(offers)
     return maker.finalize_all()

@@ -379,6 +379,43 @@ class KeepBest:
         return True
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: this run diverged (a failure of the run,
+    not of the sweep)."""
+
+
+class FiniteLossGuard:
+    """Notes the first non-finite training loss without a host sync on every step.
+
+    ``observe`` keeps, on the loss's device, the first step whose loss is NaN or
+    infinite and that loss; ``check`` (one sync: call it where the loop syncs anyway, at
+    evaluations and at the end) raises ``NonFiniteLossError`` naming them.
+    """
+
+    def __init__(self) -> None:
+        self._step: torch.Tensor | None = None  # -1 while every loss was finite
+        self._loss: torch.Tensor | None = None
+
+    def observe(self, step: int, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        if self._step is None:
+            self._step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._loss = torch.zeros((), device=loss.device)
+        first = (self._step < 0) & ~torch.isfinite(loss)
+        self._step = torch.where(first, torch.full_like(self._step, step), self._step)
+        self._loss = torch.where(first, loss, self._loss)
+
+    def check(self, lr: float | None = None) -> None:
+        if self._step is None or int(self._step) < 0:
+            return
+        assert self._loss is not None
+        hint = f" with lr {lr:g}" if lr is not None else ""
+        raise NonFiniteLossError(
+            f"training loss is {float(self._loss)} at step {int(self._step)}: the run "
+            f"diverged{hint} (or started from non-finite weights); try a lower lr"
+        )
+
+
 def _optimizer(params: list[nn.Parameter], hparams: dict[str, Any]) -> torch.optim.Optimizer:
     return torch.optim.Adam(
         params, lr=float(hparams["lr"]), weight_decay=float(hparams["weight_decay"])
@@ -450,6 +487,7 @@ def train_run(
     loss_fn = nn.CrossEntropyLoss()
     history: list[dict[str, Any]] = []
     best = KeepBest()
+    guard = FiniteLossGuard()
     last_metrics: dict[str, Any] = {}
     for step in range(steps):
         if head_only_steps and step == head_only_steps:  # never true for LP (all head-only)
@@ -462,7 +500,9 @@ def train_run(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        guard.observe(step + 1, loss)
         if is_eval_step(step + 1, steps, freq, spec.eval_schedule):
+            guard.check(float(hparams["lr"]))  # before evaluating a diverged network
             metrics = evaluate_splits(
                 network,
                 dataset,
@@ -475,8 +515,6 @@ def train_run(
             metrics.update(step=step + 1, loss=loss.item(), wall_s=time.time() - started)
             history.append(metrics)
             last_metrics = metrics
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}: lower lr?")
             if keep == "best":
                 best.offer(
                     metrics["id_val_acc"],
