@@ -2,10 +2,12 @@
 
 Layout: ``sweep.json`` (the config, to refuse a different one under the same name),
 ``tune/<stage>/`` (Tune's experiment state, for ``Tuner.restore``),
-``checkpoints/<stage>/<key>/`` (every run's checkpoint), ``results/`` (Parquet).
+``checkpoints/<stage>/<key>/`` (every run's checkpoint), ``failures/<stage>/<key>.txt``
+(a failed run's full error), ``results/`` (Parquet).
 
 Resume: a stage whose checkpoints all exist is skipped; an unfinished stage is restored
-(errored trials resumed); a trial whose checkpoint exists reports it without retraining.
+(errored trials resumed; a new experiment when runs blocked last time can run now); a
+trial whose checkpoint exists reports it without retraining.
 
 Failures: a run that still fails after ``max_failures`` retries gets a ``trials`` row with
 ``status = "failed"``, the first line of its error and ``error_file``, the full text under
