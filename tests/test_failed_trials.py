@@ -125,6 +125,9 @@ def test_error_summary_takes_the_remote_cause() -> None:
         "NonFiniteLossError: training loss is nan at step 2: ..."
     )
     assert error_summary(ValueError("bad\nvalue")) == "ValueError: bad"
+    text = 'Failure # 3\nTraceback (most recent call last):\n  File "x"\nray.X: Boom\nKeyError: 1\n'
+    assert error_summary(text) == "KeyError: 1"  # as read back from Tune's storage
+    assert error_summary(RuntimeError(text)) == "KeyError: 1"
     assert "no error" in error_summary(None)
 
 
@@ -246,6 +249,8 @@ def test_a_failing_trial_leaves_soups_of_the_rest_then_a_rerun_retries_it_alone(
     assert "stage target: 1 of 4 runs to do" in err and "stage lp: all 1 runs done" in err
     assert _mtimes(root, bad) == before  # nothing else retrained
     assert error_file.stat().st_mtime_ns > first_error  # it was tried again
+    # by restoring Tune's experiment (errored trials resumed), not by a new one
+    assert len([p for p in (root / "tune" / "target").iterdir() if p.is_dir()]) == 4
     again = load_results(root)["trials"]
     assert len(again) == len(trials) and again.trial_id.is_unique
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Mapping
@@ -155,22 +156,31 @@ def _tune_storage(root: Location) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
-def error_summary(error: BaseException | None) -> str:
-    """One line naming what went wrong: the remote exception's type and first line (a
-    ``RayTaskError`` carries the trial's own exception as ``cause``)."""
+# The line naming the exception at the end of a traceback, e.g. "ValueError: bad value".
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*$")
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def error_summary(error: BaseException | str | None) -> str:
+    """One line naming what went wrong: the exception's type and first line. A
+    ``RayTaskError`` carries the trial's own exception as ``cause``; an error read back
+    from Tune's storage can be traceback text, whose last exception line is taken."""
     if error is None:
         return "the run did not finish and Tune recorded no error"
     cause = getattr(error, "cause", None)
     error = cause if isinstance(cause, BaseException) else error
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    if isinstance(error, BaseException) and not any(TRACEBACK in line for line in lines):
+        return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    named = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return named[-1] if named else (lines[0] if lines else "unknown error")
 
 
-def error_text(error: BaseException | None) -> str:
+def error_text(error: BaseException | str | None) -> str:
     """The full error of a failed run (a ``RayTaskError``'s text holds the remote traceback)."""
     if error is None:
         return error_summary(None) + "\n"
-    if getattr(error, "cause", None) is not None:
+    if isinstance(error, str) or getattr(error, "cause", None) is not None:
         return str(error) + "\n"
     return "".join(traceback.format_exception(error))
 
@@ -245,14 +255,21 @@ def record_failure(
     return failure
 
 
-def _covers(tuner: tune.Tuner, keys: set[str]) -> bool:
-    """Whether a restored Tune experiment holds a trial for every key (it does not when
-    runs blocked by a failed dependency last time can run now)."""
+def _trial_keys(path: str, filesystem: Any = None) -> dict[str, str]:
+    """``{trial folder: run key}`` of the Tune experiment at ``path``, from its saved
+    trial configs (a ``Result`` of a trial that errored before reporting, read back from
+    storage, has no config)."""
+    analysis = tune.ExperimentAnalysis(path, storage_filesystem=filesystem)
+    return {trial.path: trial.config["run"]["key"] for trial in analysis.trials}
+
+
+def _covers(path: str, filesystem: Any, keys: set[str]) -> bool:
+    """Whether the saved Tune experiment at ``path`` holds a trial for every key (it does
+    not when runs blocked by a failed dependency last time can run now)."""
     try:
-        grid = tuner.get_results()
-    except RuntimeError:  # no readable results: start afresh
+        return keys <= set(_trial_keys(path, filesystem).values())
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: start afresh
         return False
-    return keys <= {result.config["run"]["key"] for result in grid if result.config}
 
 
 def _fit(
@@ -261,7 +278,7 @@ def _fit(
     root: Location,
     config: SweepConfig,
     callbacks: list[tune.Callback] | None,
-) -> dict[str, BaseException | None]:
+) -> dict[str, BaseException | str | None]:
     """Run ``runs`` with Tune (restoring the stage's experiment if it covers them);
     returns ``{key: error}`` of the trials that ended in an error."""
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
@@ -269,15 +286,15 @@ def _fit(
     tune_storage = _tune_storage(root)
     path = f"{tune_storage['storage_path']}/{stage}"
     filesystem = tune_storage.get("storage_filesystem")
-    tuner = None
-    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+    keys = {run.key for run in runs}
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem) and _covers(
+        path, filesystem, keys
+    ):
         # The callbacks come back from the saved experiment state.
         tuner = tune.Tuner.restore(
             path, trainable, resume_errored=True, storage_filesystem=filesystem
         )
-        if not _covers(tuner, {run.key for run in runs}):
-            tuner = None  # a new experiment in the same folder; Tune restores the newest
-    if tuner is None:
+    else:  # a new experiment in the same folder (Tune restores the newest)
         tuner = tune.Tuner(
             trainable,
             param_space={"run": tune.grid_search([_trial_config(r, root, config) for r in runs])},
@@ -291,10 +308,13 @@ def _fit(
             ),
         )
     grid = tuner.fit()
+    if not grid.errors:
+        return {}
+    keys_by_path = _trial_keys(path, filesystem)
     return {
-        result.config["run"]["key"]: result.error
+        keys_by_path.get(result.path, ""): result.error
         for result in grid
-        if result.error is not None and result.config
+        if result.error is not None
     }
 
 
