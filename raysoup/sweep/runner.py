@@ -351,12 +351,16 @@ def run_stage(
         return failures
     # Done runs come along (they re-report without retraining); blocked ones cannot.
     errors = _fit(stage, [run for run in runs if run.key not in blocked], root, config, callbacks)
-    for run in todo:
-        if not io_storage.is_checkpoint(run.spec["out"]):
-            error = errors.get(run.key)
-            failures.append(
-                record_failure(root, config, run, error_summary(error), error_text(error))
-            )
+    missing = [run for run in todo if not io_storage.is_checkpoint(run.spec["out"])]
+    for run in (run for run in missing if run.key in errors):
+        error = errors[run.key]
+        failures.append(record_failure(root, config, run, error_summary(error), error_text(error)))
+    unfinished = [run.key for run in missing if run.key not in errors]
+    if unfinished:  # no error: Tune stopped early (Ctrl-C), not a failure of these runs
+        raise SweepError(
+            f"stage {stage}: {len(unfinished)} run(s) did not finish ({unfinished[:5]}). "
+            f"Run the same command again to resume."
+        )
     return failures
 
 
