@@ -261,7 +261,7 @@ def test_a_failing_trial_leaves_soups_of_the_rest_then_a_rerun_retries_it_alone(
     results = load_results(root)
     trials = results["trials"]
     assert len(trials) == len(again) and trials.trial_id.is_unique
-    assert (trials[trials.stage == "target"].status == "done").all()
+    assert (trials[trials.stage == "target"].status == "done").all() and trials.error.isna().all()
     uniform = results["soups"].query("method == 'uniform'").set_index("init")
     assert uniform.n_trials.to_dict() == {"pretrained": 2, "ratatouille": 2}
     assert bad in list(uniform.loc["ratatouille", "ingredients"])
