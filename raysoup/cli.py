@@ -140,14 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BAD_INPUT = 2  # a bad config, path, storage or checkpoint: fix the input
+EXIT_HELD = 4  # another live driver holds the sweep's lease
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from raysoup.sweep.lease import LeaseHeldError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except LeaseHeldError as error:
+        print(f"raysoup {args.command}: refused: {error}", file=sys.stderr)
+        return EXIT_HELD
     except (OptionsError, ValueError, FileNotFoundError) as error:
         print(f"raysoup {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except RuntimeError as error:  # e.g. SweepError: a stage did not finish
         print(f"raysoup {args.command}: {error}", file=sys.stderr)
         return 1

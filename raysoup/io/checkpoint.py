@@ -101,7 +101,10 @@ def save_checkpoint(
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         weights = tmp / WEIGHTS_FILE
-        save_file(tensors, str(weights))
+        try:
+            save_file(tensors, str(weights))
+        except SafetensorError as error:  # e.g. a full disk: say so as the OS error it is
+            raise OSError(f"{weights}: could not write the weights ({error})") from error
         with open(weights, "rb+") as handle:
             os.fsync(handle.fileno())
         meta = dataclasses.replace(meta, content_hash=file_sha256(weights))

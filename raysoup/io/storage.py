@@ -26,6 +26,7 @@ from the URI's query (``s3://bucket/runs?endpoint_override=host:9000&scheme=http
 Public API (``Location`` = ``Path | str``):
 
 - :func:`is_uri`, :func:`resolve`, :func:`join`, :func:`filesystem` — naming things;
+- :func:`check_writable` — a clear error for a bad place before any work starts;
 - :func:`exists`, :func:`is_dir`, :func:`read_bytes`, :func:`write_bytes_atomic` — files;
 - :func:`is_checkpoint`, :func:`read_meta`, :func:`find_checkpoints` — checkpoints in place;
 - :func:`checkpoint_output`, :func:`publish_checkpoint` — writing a checkpoint;
@@ -130,6 +131,66 @@ def filesystem(location: Location) -> tuple[pafs.FileSystem, str]:
     except ValueError as error:  # ArrowInvalid: unknown scheme, malformed URI
         raise ValueError(f"storage {location!r}: not a usable URI ({error})") from error
     return fs, path.rstrip("/")
+
+
+# ---------------------------------------------------------------- a usable place
+
+
+class StorageError(ValueError):
+    """A storage location that cannot hold a sweep; the message says which and why."""
+
+
+def _explain(error: OSError) -> str:
+    """A short reason from an OS or Arrow (S3, GCS) error."""
+    text = str(error)
+    lowered = text.lower()
+    if "nosuchbucket" in lowered or ("bucket" in lowered and "not found" in lowered):
+        return "the bucket does not exist (create it first, or check its name)"
+    if any(s in lowered for s in ("access_denied", "accessdenied", "forbidden", "403")):
+        return "access denied (check the credentials: AWS_ACCESS_KEY_ID, AWS_PROFILE...)"
+    if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch")):
+        return "the credentials were rejected (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    if "couldn't connect" in lowered or "curlcode: 7" in lowered or "connection refused" in lowered:
+        return "cannot reach the endpoint (AWS_ENDPOINT_URL, endpoint_override, network)"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if error.errno == 28:  # ENOSPC
+        return "no space left on the device"
+    if error.errno == 30:  # EROFS
+        return "read-only file system"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _file_on_the_way(path: Path) -> Path | None:
+    """The first existing non-directory on the way to ``path`` (``path`` included)."""
+    for part in [*reversed(path.parents), path]:
+        if part.exists() and not part.is_dir():
+            return part
+        if not part.exists():
+            return None
+    return None
+
+
+def check_writable(location: Location) -> None:
+    """Raise ``StorageError`` unless a sweep can write under ``location``: not a file (nor
+    under one), creatable, writable, and, for a URI, a reachable bucket with credentials
+    that may write. Writes and deletes one small probe file, so the error comes before Ray
+    starts or anything trains."""
+    if not is_uri(location):
+        path = _local(location).absolute()
+        blocker = _file_on_the_way(path)
+        if blocker is not None:
+            raise StorageError(
+                f"storage {location}: {blocker} is a file, not a directory; "
+                f"give --storage a directory (it is created if missing)"
+            )
+    probe = join(location, f".raysoup-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes_atomic(probe, b"raysoup storage probe")
+        fs, path = filesystem(probe)
+        fs.delete_file(path)
+    except OSError as error:
+        raise StorageError(f"storage {location}: cannot write there: {_explain(error)}") from error
 
 
 # ---------------------------------------------------------------- small files
@@ -243,6 +304,40 @@ def find_checkpoints(root: Location) -> list[Location]:
         for folder in folders
         if not any(part.startswith(".") for part in folder.split("/"))
     ]
+
+
+def checkpoint_damage(location: Location) -> str | None:
+    """Why the checkpoint at ``location`` is not intact as far as cheap checks tell (both
+    files present, its metadata valid, its weights file exactly as long as its safetensors
+    header says: a truncated upload or write), or ``None``. Reads the header only; a
+    same-size corruption is caught when the weights are read (:func:`verify`)."""
+    if not is_checkpoint(location):
+        return f"not a checkpoint (expected {WEIGHTS_FILE} and {META_FILE})"
+    weights = join(location, WEIGHTS_FILE)
+    try:
+        read_meta(location)
+        fs, path = filesystem(weights)
+        with fs.open_input_file(path) as handle:
+            read_safetensors_header(handle, handle.size(), weights)
+    except (CheckpointError, OSError) as error:
+        return str(error)
+    return None
+
+
+def verify(location: Location) -> str | None:
+    """Why the checkpoint at ``location`` is damaged (any check, its weights' sha256
+    against the recorded ``content_hash`` included: reads every byte), or ``None``."""
+    damage = checkpoint_damage(location)
+    if damage is not None:
+        return damage
+    try:
+        if is_uri(location):
+            local_checkpoint(location)  # fetched and hash-checked, or an error
+        else:
+            _check_local_checkpoint(_local(location))
+    except (CheckpointError, OSError) as error:
+        return str(error)
+    return None
 
 
 # ---------------------------------------------------------------- writing a checkpoint

@@ -293,6 +293,24 @@ def adopt_record(
     return dataclasses.replace(config, **adopted), adopted
 
 
+def parse_record(raw: bytes, where: str) -> dict[str, Any]:
+    """A sweep record (``sweep.json``) from its bytes; a damaged one is an ``OptionsError``
+    that says how to recover (finished runs live in their checkpoints, not in it)."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        record = error
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        why = record if isinstance(record, Exception) else "no 'config' object"
+        raise OptionsError(
+            f"{where} is corrupt ({why}). It records the config the sweep was started with; "
+            f"finished runs are safe in their checkpoints. Delete {where} and run the same "
+            f"command with the sweep's original config to resume (a different config would "
+            f"mix runs), or start afresh with another --name."
+        )
+    return record
+
+
 def config_from_record(record: dict[str, Any], where: str = "sweep.json") -> SweepConfig:
     """The config a sweep record (``sweep.json``) describes; a record made before
     ``RECORD_VERSION`` 2 gets the earlier behaviour of the options it lacks."""

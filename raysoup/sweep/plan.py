@@ -26,7 +26,6 @@ the configured ones. That is the one case where planning reads files: the pool's
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from raysoup.io import storage
 from raysoup.io.checkpoint import is_checkpoint
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
-from raysoup.sweep.config import SweepConfig
+from raysoup.sweep.config import SweepConfig, parse_record
 from raysoup.training.trainer import SHARED_LP_SEED
 
 STAGE_ORDER = ("base", "lp", "aux", "target")
@@ -84,7 +83,7 @@ def check_aux_pool(config: SweepConfig) -> list[Path]:
     record = pool / SWEEP_RECORD
     if not record.is_file():
         raise OptionsError(f"aux_pool={str(config.aux_pool)!r}: no {SWEEP_RECORD}; not a sweep")
-    theirs = json.loads(record.read_text()).get("config", {})
+    theirs = parse_record(record.read_bytes(), str(record))["config"]
     ours = config.to_dict()
     for name in POOL_MUST_MATCH:
         if theirs.get(name) != ours[name]:

@@ -22,8 +22,10 @@ from ray import tune
 from ray.actor import ActorHandle
 
 from raysoup.io import storage as io_storage
+from raysoup.io.checkpoint import CheckpointError
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
+from raysoup.results.store import ResultsStore
 from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
 from raysoup.soup.greedy import rank_key
 from raysoup.soup.group import GroupKey, Offer
@@ -34,9 +36,11 @@ from raysoup.sweep.config import (
     SweepConfig,
     adopt_record,
     config_from_record,
+    parse_record,
 )
+from raysoup.sweep.lease import SweepLease
 from raysoup.sweep.plan import PlannedRun, plan_sweep
-from raysoup.sweep.trainable import run_trial
+from raysoup.sweep.trainable import run_trial, trial_row
 
 CONFIG_FILE = "sweep.json"
 RESULTS = "results"
@@ -56,7 +60,7 @@ def read_config(root: Location) -> SweepConfig:
     path = io_storage.join(root, CONFIG_FILE)
     if not io_storage.exists(path):
         raise FileNotFoundError(f"{root} holds no sweep: {CONFIG_FILE} is missing")
-    return config_from_record(json.loads(io_storage.read_bytes(path)), str(path))
+    return config_from_record(parse_record(io_storage.read_bytes(path), str(path)), str(path))
 
 
 def record_config(root: Location, config: SweepConfig) -> SweepConfig:
@@ -68,7 +72,7 @@ def record_config(root: Location, config: SweepConfig) -> SweepConfig:
     """
     path = io_storage.join(root, CONFIG_FILE)
     if io_storage.exists(path):
-        stored = json.loads(io_storage.read_bytes(path))
+        stored = parse_record(io_storage.read_bytes(path), str(path))
         if stored.get("version", 1) < RECORD_VERSION:
             config, adopted = adopt_record(config, stored.get("config", {}))
             if adopted:
@@ -109,6 +113,36 @@ def _tune_storage(root: Location) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
+def runs_to_do(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs without an intact checkpoint. A damaged one (truncated weights, a header
+    that does not fit the file) is retrained: said, not silently reused."""
+    todo = []
+    for run in runs:
+        out = run.spec["out"]
+        if not io_storage.is_checkpoint(out):
+            todo.append(run)
+        elif (why := io_storage.checkpoint_damage(out)) is not None:
+            print(
+                f"raysoup: warning: {run.key}: damaged checkpoint, retraining it ({why})",
+                file=sys.stderr,
+            )
+            todo.append(run)
+    return todo
+
+
+def restore_trial_rows(runs: list[PlannedRun], root: Location, config: SweepConfig) -> None:
+    """Write the ``trials`` row of every finished run that has none (its part was damaged
+    and set aside, or the trial ended between its checkpoint and its row): the row is a
+    function of the checkpoint's metadata, so nothing reported is ever lost."""
+    store = ResultsStore(str(io_storage.join(root, RESULTS)))
+    have = store.part_keys("trials")
+    for run in runs:
+        if run.key not in have and io_storage.is_checkpoint(run.spec["out"]):
+            meta = io_storage.read_meta(run.spec["out"])
+            row = trial_row(config.name, run.key, meta, run.spec["out"])
+            store.append("trials", [row], part_key=run.key)
+
+
 def run_stage(
     stage: str,
     runs: list[PlannedRun],
@@ -116,7 +150,8 @@ def run_stage(
     config: SweepConfig,
     callbacks: list[tune.Callback] | None = None,
 ) -> None:
-    todo = [run for run in runs if not io_storage.is_checkpoint(run.spec["out"])]
+    todo = runs_to_do(runs)
+    restore_trial_rows(runs, root, config)
     if not todo:
         print(f"raysoup: stage {stage}: all {len(runs)} runs done, skipped", file=sys.stderr)
         return
@@ -145,6 +180,7 @@ def run_stage(
             ),
         )
     grid = tuner.fit()
+    restore_trial_rows(runs, root, config)
     missing = [run.key for run in runs if not io_storage.is_checkpoint(run.spec["out"])]
     if missing or grid.errors:
         raise SweepError(
@@ -159,8 +195,18 @@ def run_sweep(config: SweepConfig, storage: Location) -> Location:
     experiment root (a ``Path`` for local storage, a URI string otherwise)."""
     config.validate()
     root = experiment_root(storage, config.name)
+    io_storage.check_writable(root)  # a file, a read-only disk, a missing bucket: say so now
+    with SweepLease(root):
+        _run_sweep_held(config, root)
+    return root
+
+
+def _run_sweep_held(config: SweepConfig, root: Location) -> None:
+    """``run_sweep`` once this driver holds the sweep's lease."""
     config = record_config(root, config)
     plan = plan_sweep(config, root)
+    for damaged in ResultsStore(str(io_storage.join(root, RESULTS))).set_aside_damaged():
+        print(f"raysoup: warning: set aside damaged {damaged}; rewriting it", file=sys.stderr)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     for stage, runs in plan.items():
@@ -179,7 +225,6 @@ def run_sweep(config: SweepConfig, storage: Location) -> Location:
                     f"{group['expected']} trials (see the soup actor's log)",
                     file=sys.stderr,
                 )
-    return root
 
 
 def start_soup(root: Location, config: SweepConfig, runs: list[PlannedRun]) -> ActorHandle:
@@ -234,10 +279,25 @@ def resoup(
     """
     root = io_storage.resolve(root)
     config = read_config(root)
+    with SweepLease(root):  # never next to a running sweep's soup actor
+        return _resoup_held(root, config, methods, accept, device)
+
+
+def _resoup_held(
+    root: Location, config: SweepConfig, methods: tuple[str, ...], accept: str | None, device: str
+) -> list[dict]:
     runs = plan_sweep(config, root).get("target", [])
     offers = finished_offers(runs)
     if not offers:
         raise FileNotFoundError(f"{root}: no finished target trial to soup")
+    damaged = [(o.checkpoint, why) for o in offers if (why := io_storage.verify(o.checkpoint))]
+    if damaged:  # before any soup is replaced: a soup must not silently lose a trial
+        listed = "; ".join(f"{path}: {why}" for path, why in damaged[:5])
+        raise CheckpointError(
+            f"{len(damaged)} trial checkpoint(s) are damaged ({listed}). Delete the damaged "
+            f"folder(s) and run the sweep's command again (it retrains exactly those "
+            f"runs), then soup again"
+        )
     # Best first, each trial is decided once: the batch order of Recipe 1, fewest evaluations.
     offers.sort(key=lambda offer: rank_key(offer.candidate))
     maker = SoupMaker(
