@@ -35,7 +35,7 @@ from typing import Any
 from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage
-from raysoup.io.checkpoint import check_weights, is_checkpoint, read_meta
+from raysoup.io.checkpoint import META_FILE, check_weights, is_checkpoint, read_meta
 from raysoup.io.pool import check_meta_paths, check_pool_symlinks
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
@@ -111,7 +111,7 @@ def check_aux_pool(config: SweepConfig) -> list[Path]:
         )
     for path in paths:  # refused here, before a single trial starts
         meta = read_meta(path)
-        check_meta_paths(meta, pool, path)
+        check_meta_paths(meta, pool, path / META_FILE)
         check_weights(path, meta)
     return paths
 

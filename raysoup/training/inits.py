@@ -33,6 +33,7 @@ import torch
 
 from raysoup.io import storage
 from raysoup.io.checkpoint import (
+    META_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     check_state_dict,
@@ -194,7 +195,7 @@ def discover_aux_pool(dirs: Sequence[str | Path], target_dataset: str) -> AuxPoo
         check_pool_symlinks(root)  # before listing: a symlinked checkpoint is refused, not skipped
         for path in storage.find_checkpoints(root):
             meta = storage.read_meta(path)
-            check_meta_paths(meta, root, path)
+            check_meta_paths(meta, root, storage.join(path, META_FILE))
             if meta.dataset == target_dataset:
                 excluded.append(str(path))
                 continue
