@@ -17,7 +17,9 @@ exactly as plain files: nothing is staged, copied or cached. For a URI:
   URI and a digest of its metadata): the weights' sha256 is checked against the
   ``content_hash`` in the metadata before the folder is renamed into place, so a folder
   in the cache is always complete and verified, and is reused as long as the remote
-  checkpoint is unchanged. The cache can be deleted at any time.
+  checkpoint is unchanged. The cache can be deleted at any time. Before anything is
+  downloaded, the marker's size and fields and the weights' safetensors header are
+  checked where they are (``raysoup.io.validate``): a forged checkpoint is refused unread.
 
 Credentials and endpoints come from the environment, as Arrow reads them
 (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, an instance role, ``AWS_ENDPOINT_URL``...), or
@@ -60,6 +62,12 @@ from raysoup.io.checkpoint import (
 )
 from raysoup.io.checkpoint import is_checkpoint as _is_local_checkpoint
 from raysoup.io.checkpoint import read_meta as _read_local_meta
+from raysoup.io.validate import (
+    MAX_META_BYTES,
+    check_meta_size,
+    read_meta_bytes,
+    read_safetensors_header,
+)
 
 Location = Path | str
 STORAGE_CACHE = "storage"  # under the raysoup cache dir
@@ -269,13 +277,36 @@ def read_meta(location: Location) -> CheckpointMeta:
         return _read_local_meta(_local(location))
     marker = join(location, META_FILE)
     try:
-        raw = read_bytes(marker)
+        raw = _read_marker(marker)
     except FileNotFoundError:
         raise CheckpointError(
             f"{location} is not a raysoup checkpoint: {META_FILE} is missing "
             f"(expected {WEIGHTS_FILE} and {META_FILE})"
         ) from None
     return meta_from_bytes(raw, marker)
+
+
+def _read_marker(marker: str) -> bytes:
+    """A remote ``raysoup.json``: its size is checked before it is read (and the read is
+    bounded), since a pool may come from anyone."""
+    fs, path = filesystem(marker)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{marker} does not exist")
+    check_meta_size(info.size or 0, marker)
+    with fs.open_input_stream(path) as handle:
+        raw = handle.read(MAX_META_BYTES + 1)
+    check_meta_size(len(raw), marker)
+    return raw
+
+
+def _check_remote_weights(location: str) -> None:
+    """Check the safetensors header of a remote checkpoint's weights before downloading
+    them (two small ranged reads)."""
+    weights = join(location, WEIGHTS_FILE)
+    fs, path = filesystem(weights)
+    with fs.open_input_file(path) as handle:
+        read_safetensors_header(handle, handle.size(), weights)
 
 
 def find_checkpoints(root: Location) -> list[Location]:
@@ -349,7 +380,7 @@ def _check_local_checkpoint(directory: Path) -> bytes:
         raise CheckpointError(
             f"{directory} is not a raysoup checkpoint (expected {WEIGHTS_FILE} and {META_FILE})"
         )
-    raw = (directory / META_FILE).read_bytes()
+    raw = read_meta_bytes(directory / META_FILE)
     expected = meta_from_bytes(raw, directory / META_FILE).content_hash
     actual = file_sha256(directory / WEIGHTS_FILE)
     if actual != expected:
@@ -476,14 +507,13 @@ def local_checkpoint(location: Location, cache_dir: Path | None = None) -> Path:
     if not is_uri(location):
         return _local(location)
     marker_location = join(location, META_FILE)
-    marker = read_bytes(marker_location)
-    expected = meta_from_bytes(marker, marker_location).content_hash
-    if not expected:
-        raise CheckpointError(f"{marker_location}: records no content_hash to verify against")
+    marker = _read_marker(str(marker_location))
+    expected = meta_from_bytes(marker, marker_location).content_hash  # 64 hex, checked
     cache = _storage_cache(cache_dir)
     target = cache / _cache_name(location, marker)
     if _is_local_checkpoint(target):
         return target
+    _check_remote_weights(str(location))
     fs, path = filesystem(location)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache))
     try:
