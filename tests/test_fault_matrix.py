@@ -1,5 +1,8 @@
-"""Stop the driver mid-sweep (SIGINT, SIGKILL), resume with the same command: every
-trial present exactly once, and the same results as an uninterrupted run."""
+"""The fault matrix (README, "What a crash leaves"): stop the driver mid-sweep (SIGINT,
+SIGKILL), kill a trial's worker, damage checkpoints, Parquet parts, the sweep record and
+the soup state; the same command resumes or repairs to exactly the results of an
+uninterrupted run (every trial present once), or stops with an error that says what to do.
+A second driver on a held sweep is refused."""
 
 from __future__ import annotations
 
