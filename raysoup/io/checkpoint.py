@@ -22,13 +22,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from raysoup.io.atomic import fsync_dir, replace_dir
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: reading metadata,
+    import torch  # checking a header or a lease must not cost a torch import
 from raysoup.io.validate import (
     CheckpointError,
     TensorEntry,
@@ -109,6 +110,8 @@ def save_checkpoint(
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         weights = tmp / WEIGHTS_FILE
+        from safetensors.torch import save_file
+
         try:
             save_file(tensors, str(weights))
         except SafetensorError as error:  # e.g. a full disk: say so as the OS error it is
@@ -174,6 +177,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_checked(path: Path) -> dict[str, torch.Tensor]:
     try:
+        from safetensors.torch import load_file
+
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({error})") from error
@@ -241,6 +246,8 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: unsupported weights file; expected .safetensors or one of {PICKLE_SUFFIXES}"
         )
+    import torch
+
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError for code objects, RuntimeError for junk

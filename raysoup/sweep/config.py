@@ -18,6 +18,7 @@ from raysoup.data.builtin import BUILTIN_AUXILIARY, BUILTIN_TARGET
 from raysoup.data.registry import dataset_class
 from raysoup.models.networks import ARCHS
 from raysoup.options import OptionsError, from_mapping, option
+from raysoup.sweep import QUICKSTART_NAME
 from raysoup.training.hparams import REGISTRIES, sample_hparams
 from raysoup.training.inits import AUX_BUFFERS, INIT_STRATEGIES, RATATOUILLE_CHOICES
 from raysoup.training.trainer import EVAL_SCHEDULES, KEEP
@@ -44,7 +45,7 @@ RECORD_VERSION = 2
 class SweepConfig:
     """A whole ratatouille / soups experiment."""
 
-    name: str = option("quickstart", help="experiment name: the folder under the storage")
+    name: str = option(QUICKSTART_NAME, help="experiment name: the folder under the storage")
     dataset: str | None = option(
         BUILTIN_TARGET, help="target dataset; null: train only the auxiliary pool (no target)"
     )

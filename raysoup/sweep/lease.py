@@ -211,6 +211,13 @@ class SweepLease:
 
     # ------------------------------------------------------------ acquire / renew / release
 
+    def check(self) -> None:
+        """Raise ``LeaseHeldError`` if a live driver holds the sweep (takes nothing: the
+        early, cheap answer for a second driver, before it imports torch and Ray)."""
+        held = self._read()
+        if held is not None and is_live(held, time.time(), self.host):
+            raise self._refusal(held, time.time())
+
     def acquire(self) -> Lease:
         with self._exclusive():
             now = time.time()
