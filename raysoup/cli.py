@@ -29,8 +29,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_name(path: str | None, name: str | None) -> str | None:
+    """The sweep name ``raysoup run`` will use, read cheaply (YAML only); ``None`` when
+    only the full config load can tell (it reports any problem)."""
+    from raysoup.sweep import QUICKSTART_NAME
+
+    if name or path is None:
+        return name or QUICKSTART_NAME
+    try:
+        import yaml
+
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    found = data.get("name", QUICKSTART_NAME) if isinstance(data, dict) else None
+    return found if isinstance(found, str) and found else None
+
+
 def _run(args: argparse.Namespace) -> int:
-    from raysoup.io.storage import join
+    from raysoup.io import storage
+    from raysoup.sweep.lease import SweepLease
+
+    name = _config_name(args.config, args.name)
+    if name is not None:
+        # A second driver is told at once, before the imports of torch and Ray below.
+        try:
+            SweepLease(storage.join(storage.resolve(args.storage), name)).check()
+        except OSError:
+            pass  # an unusable storage: run_sweep's check says what is wrong with it
+
     from raysoup.results import load_results, sweep_table
     from raysoup.sweep.config import load_config
     from raysoup.sweep.runner import RESULTS, run_sweep_status
@@ -38,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, name=args.name)  # validated before Ray starts
     root, code = run_sweep_status(config, args.storage)  # code 3: some runs failed
     print(sweep_table(load_results(root), dataset=config.dataset))
-    print(f"results: {join(root, RESULTS)}")
+    print(f"results: {storage.join(root, RESULTS)}")
     return code
 
 
@@ -81,11 +109,9 @@ def _soup(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_train(commands: argparse._SubParsersAction) -> None:
     from raysoup.training.trainer import RunSpec
 
-    parser = argparse.ArgumentParser(prog="raysoup", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train",
         help="train one run without Ray; prints one JSON object with its accuracies",
@@ -94,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train, RunSpec)
     train.set_defaults(handler=_train)
 
+
+def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
+    """The ``raysoup`` parser. ``train``'s options come from ``RunSpec``, whose module
+    imports torch: ``raysoup run`` leaves them out, so that a second driver on a held
+    sweep is refused within a second or two, not after the torch and Ray imports."""
+    parser = argparse.ArgumentParser(prog="raysoup", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    if with_train:
+        _add_train(commands)
     run = commands.add_parser(
         "run",
         help="run (or resume) a whole sweep on Ray: base, LP, auxiliary pool, target sweep",
@@ -140,14 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BAD_INPUT = 2  # a bad config, path, storage or checkpoint: fix the input
+EXIT_HELD = 4  # another live driver holds the sweep's lease
+# 3: the sweep ended but some runs failed (raysoup.sweep.runner.EXIT_TRIALS_FAILED)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    from raysoup.sweep.lease import LeaseHeldError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(with_train=argv[:1] != ["run"])
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except LeaseHeldError as error:
+        print(f"raysoup {args.command}: refused: {error}", file=sys.stderr)
+        return EXIT_HELD
     except (OptionsError, ValueError, FileNotFoundError) as error:
         print(f"raysoup {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except RuntimeError as error:  # e.g. SweepError: a stage did not finish
         print(f"raysoup {args.command}: {error}", file=sys.stderr)
         return 1

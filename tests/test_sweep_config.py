@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from raysoup.io.checkpoint import CheckpointMeta, save_checkpoint
 from raysoup.options import OptionsError
 from raysoup.sweep.config import SweepConfig, load_config
 from raysoup.sweep.plan import checkpoint_path, plan_sweep
@@ -189,9 +191,10 @@ def test_a_pool_alone_plans_base_aux_lps_and_aux_runs_only(tmp_path) -> None:
 
 
 def _fake_checkpoint(path: Path) -> None:
-    path.mkdir(parents=True)
-    for name in ("model.safetensors", "raysoup.json"):
-        (path / name).write_text("")  # planning only looks at whether they exist
+    """A tiny valid checkpoint: planning checks a pool's metadata and weights headers (a
+    pool is untrusted), never its tensors."""
+    meta = CheckpointMeta(dataset="Aux", envs=["a"], arch="cnn", num_classes=2, stage="aux")
+    save_checkpoint(path, {"featurizer.w": torch.zeros(1)}, meta)
 
 
 def test_a_target_sweep_borrows_only_its_aux_datasets_from_a_pool(tmp_path) -> None:

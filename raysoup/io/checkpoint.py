@@ -4,6 +4,9 @@
   place, so a crash leaves either the old checkpoint or the new one, never half of one.
 - ``content_hash`` (sha256 of the safetensors file) is recorded in the JSON and checked
   on load: a truncated, corrupted or swapped file is reported, naming the file.
+- Every checkpoint is read as untrusted input (``raysoup.io.validate``): the metadata's
+  size and field types, and the safetensors header (tensor sizes, offsets, file size) are
+  checked before the weights are hashed or loaded.
 - Nothing is ever unpickled from a checkpoint. Foreign ``.pt``/``.pth``/``.pkl`` state
   dicts are imported with ``torch.load(weights_only=True)``, which refuses code objects.
 """
@@ -19,22 +22,28 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from raysoup.io.atomic import fsync_dir, replace_dir
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: reading metadata,
+    import torch  # checking a header or a lease must not cost a torch import
+from raysoup.io.validate import (
+    CheckpointError,
+    TensorEntry,
+    check_classifier,
+    check_meta_fields,
+    parse_json,
+    read_meta_bytes,
+    read_safetensors_header,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "raysoup.json"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not fit; the message names the file."""
 
 
 @dataclass
@@ -101,7 +110,12 @@ def save_checkpoint(
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         weights = tmp / WEIGHTS_FILE
-        save_file(tensors, str(weights))
+        from safetensors.torch import save_file
+
+        try:
+            save_file(tensors, str(weights))
+        except SafetensorError as error:  # e.g. a full disk: say so as the OS error it is
+            raise OSError(f"{weights}: could not write the weights ({error})") from error
         with open(weights, "rb+") as handle:
             os.fsync(handle.fileno())
         meta = dataclasses.replace(meta, content_hash=file_sha256(weights))
@@ -127,24 +141,44 @@ def read_meta(directory: str | Path) -> CheckpointMeta:
             f"{directory} is not a raysoup checkpoint: {META_FILE} is missing "
             f"(expected {WEIGHTS_FILE} and {META_FILE})"
         )
-    return meta_from_bytes(path.read_bytes(), path)
+    return meta_from_bytes(read_meta_bytes(path), path)
 
 
 def meta_from_bytes(raw: bytes, source: str | Path) -> CheckpointMeta:
-    """Parse the bytes of a ``raysoup.json`` read from ``source`` (named in errors)."""
-    try:
-        data = json.loads(raw.decode())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{source}: corrupt metadata JSON ({error})") from error
+    """Parse the bytes of a ``raysoup.json`` read from ``source`` (named in errors),
+    refusing fields of the wrong type."""
+    data = parse_json(raw, "metadata", source)
     if not isinstance(data, dict):
         raise CheckpointError(f"{source}: metadata must be a JSON object")
+    check_meta_fields(data, source)
     return CheckpointMeta.from_dict(data, source)
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def weights_header(path: Path) -> dict[str, TensorEntry]:
+    """The checked safetensors header of ``path``; O(header), the tensors are not read."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
+    with open(path, "rb") as handle:
+        return read_safetensors_header(handle, os.fstat(handle.fileno()).st_size, path)
+
+
+def check_weights(directory: str | Path, meta: CheckpointMeta) -> dict[str, TensorEntry]:
+    """The header of a checkpoint's weights, checked on its own and against ``meta``."""
+    weights = Path(directory) / WEIGHTS_FILE
+    header = weights_header(weights)
+    check_classifier(header, meta.num_classes, weights)
+    return header
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    weights_header(path)  # refuse a forged header before safetensors sees it
+    return _load_checked(path)
+
+
+def _load_checked(path: Path) -> dict[str, torch.Tensor]:
     try:
+        from safetensors.torch import load_file
+
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({error})") from error
@@ -156,19 +190,21 @@ def load_checkpoint(
     *,
     verify_hash: bool = True,
 ) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
-    """Read a checkpoint; check its hash, and its keys and shapes against ``reference``."""
+    """Read a checkpoint; check its metadata and header (before anything is hashed or
+    loaded), its hash, and its keys and shapes against ``reference``."""
     directory = Path(directory)
     meta = read_meta(directory)
     weights = directory / WEIGHTS_FILE
-    if verify_hash and meta.content_hash:
-        actual = file_sha256(weights) if weights.is_file() else "<missing>"
+    check_weights(directory, meta)
+    if verify_hash:
+        actual = file_sha256(weights)
         if actual != meta.content_hash:
             raise CheckpointError(
                 f"{weights}: content hash {actual[:16]}... does not match the "
                 f"{meta.content_hash[:16]}... recorded in {META_FILE}: the file is corrupt, "
                 f"truncated or was replaced"
             )
-    state = _load_safetensors(weights)
+    state = _load_checked(weights)
     if reference is not None:
         check_state_dict(state, reference, weights)
     return state, meta
@@ -210,6 +246,8 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: unsupported weights file; expected .safetensors or one of {PICKLE_SUFFIXES}"
         )
+    import torch
+
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError for code objects, RuntimeError for junk

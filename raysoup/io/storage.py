@@ -17,7 +17,9 @@ exactly as plain files: nothing is staged, copied or cached. For a URI:
   URI and a digest of its metadata): the weights' sha256 is checked against the
   ``content_hash`` in the metadata before the folder is renamed into place, so a folder
   in the cache is always complete and verified, and is reused as long as the remote
-  checkpoint is unchanged. The cache can be deleted at any time.
+  checkpoint is unchanged. The cache can be deleted at any time. Before anything is
+  downloaded, the marker's size and fields and the weights' safetensors header are
+  checked where they are (``raysoup.io.validate``): a forged checkpoint is refused unread.
 
 Credentials and endpoints come from the environment, as Arrow reads them
 (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, an instance role, ``AWS_ENDPOINT_URL``...), or
@@ -26,6 +28,7 @@ from the URI's query (``s3://bucket/runs?endpoint_override=host:9000&scheme=http
 Public API (``Location`` = ``Path | str``):
 
 - :func:`is_uri`, :func:`resolve`, :func:`join`, :func:`filesystem` — naming things;
+- :func:`check_writable` — a clear error for a bad place before any work starts;
 - :func:`exists`, :func:`is_dir`, :func:`read_bytes`, :func:`write_bytes_atomic` — files;
 - :func:`is_checkpoint`, :func:`read_meta`, :func:`find_checkpoints` — checkpoints in place;
 - :func:`checkpoint_output`, :func:`publish_checkpoint` — writing a checkpoint;
@@ -59,6 +62,12 @@ from raysoup.io.checkpoint import (
 )
 from raysoup.io.checkpoint import is_checkpoint as _is_local_checkpoint
 from raysoup.io.checkpoint import read_meta as _read_local_meta
+from raysoup.io.validate import (
+    MAX_META_BYTES,
+    check_meta_size,
+    read_meta_bytes,
+    read_safetensors_header,
+)
 
 Location = Path | str
 STORAGE_CACHE = "storage"  # under the raysoup cache dir
@@ -130,6 +139,66 @@ def filesystem(location: Location) -> tuple[pafs.FileSystem, str]:
     except ValueError as error:  # ArrowInvalid: unknown scheme, malformed URI
         raise ValueError(f"storage {location!r}: not a usable URI ({error})") from error
     return fs, path.rstrip("/")
+
+
+# ---------------------------------------------------------------- a usable place
+
+
+class StorageError(ValueError):
+    """A storage location that cannot hold a sweep; the message says which and why."""
+
+
+def _explain(error: OSError) -> str:
+    """A short reason from an OS or Arrow (S3, GCS) error."""
+    text = str(error)
+    lowered = text.lower()
+    if "nosuchbucket" in lowered or ("bucket" in lowered and "not found" in lowered):
+        return "the bucket does not exist (create it first, or check its name)"
+    if any(s in lowered for s in ("access_denied", "accessdenied", "forbidden", "403")):
+        return "access denied (check the credentials: AWS_ACCESS_KEY_ID, AWS_PROFILE...)"
+    if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch")):
+        return "the credentials were rejected (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    if "couldn't connect" in lowered or "curlcode: 7" in lowered or "connection refused" in lowered:
+        return "cannot reach the endpoint (AWS_ENDPOINT_URL, endpoint_override, network)"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if error.errno == 28:  # ENOSPC
+        return "no space left on the device"
+    if error.errno == 30:  # EROFS
+        return "read-only file system"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _file_on_the_way(path: Path) -> Path | None:
+    """The first existing non-directory on the way to ``path`` (``path`` included)."""
+    for part in [*reversed(path.parents), path]:
+        if part.exists() and not part.is_dir():
+            return part
+        if not part.exists():
+            return None
+    return None
+
+
+def check_writable(location: Location) -> None:
+    """Raise ``StorageError`` unless a sweep can write under ``location``: not a file (nor
+    under one), creatable, writable, and, for a URI, a reachable bucket with credentials
+    that may write. Writes and deletes one small probe file, so the error comes before Ray
+    starts or anything trains."""
+    if not is_uri(location):
+        path = _local(location).absolute()
+        blocker = _file_on_the_way(path)
+        if blocker is not None:
+            raise StorageError(
+                f"storage {location}: {blocker} is a file, not a directory; "
+                f"give --storage a directory (it is created if missing)"
+            )
+    probe = join(location, f".raysoup-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes_atomic(probe, b"raysoup storage probe")
+        fs, path = filesystem(probe)
+        fs.delete_file(path)
+    except OSError as error:
+        raise StorageError(f"storage {location}: cannot write there: {_explain(error)}") from error
 
 
 # ---------------------------------------------------------------- small files
@@ -208,13 +277,36 @@ def read_meta(location: Location) -> CheckpointMeta:
         return _read_local_meta(_local(location))
     marker = join(location, META_FILE)
     try:
-        raw = read_bytes(marker)
+        raw = _read_marker(marker)
     except FileNotFoundError:
         raise CheckpointError(
             f"{location} is not a raysoup checkpoint: {META_FILE} is missing "
             f"(expected {WEIGHTS_FILE} and {META_FILE})"
         ) from None
     return meta_from_bytes(raw, marker)
+
+
+def _read_marker(marker: str) -> bytes:
+    """A remote ``raysoup.json``: its size is checked before it is read (and the read is
+    bounded), since a pool may come from anyone."""
+    fs, path = filesystem(marker)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{marker} does not exist")
+    check_meta_size(info.size or 0, marker)
+    with fs.open_input_stream(path) as handle:
+        raw = handle.read(MAX_META_BYTES + 1)
+    check_meta_size(len(raw), marker)
+    return raw
+
+
+def _check_remote_weights(location: str) -> None:
+    """Check the safetensors header of a remote checkpoint's weights before downloading
+    them (two small ranged reads)."""
+    weights = join(location, WEIGHTS_FILE)
+    fs, path = filesystem(weights)
+    with fs.open_input_file(path) as handle:
+        read_safetensors_header(handle, handle.size(), weights)
 
 
 def find_checkpoints(root: Location) -> list[Location]:
@@ -245,6 +337,40 @@ def find_checkpoints(root: Location) -> list[Location]:
     ]
 
 
+def checkpoint_damage(location: Location) -> str | None:
+    """Why the checkpoint at ``location`` is not intact as far as cheap checks tell (both
+    files present, its metadata valid, its weights file exactly as long as its safetensors
+    header says: a truncated upload or write), or ``None``. Reads the header only; a
+    same-size corruption is caught when the weights are read (:func:`verify`)."""
+    if not is_checkpoint(location):
+        return f"not a checkpoint (expected {WEIGHTS_FILE} and {META_FILE})"
+    weights = join(location, WEIGHTS_FILE)
+    try:
+        read_meta(location)
+        fs, path = filesystem(weights)
+        with fs.open_input_file(path) as handle:
+            read_safetensors_header(handle, handle.size(), weights)
+    except (CheckpointError, OSError) as error:
+        return str(error)
+    return None
+
+
+def verify(location: Location) -> str | None:
+    """Why the checkpoint at ``location`` is damaged (any check, its weights' sha256
+    against the recorded ``content_hash`` included: reads every byte), or ``None``."""
+    damage = checkpoint_damage(location)
+    if damage is not None:
+        return damage
+    try:
+        if is_uri(location):
+            local_checkpoint(location)  # fetched and hash-checked, or an error
+        else:
+            _check_local_checkpoint(_local(location))
+    except (CheckpointError, OSError) as error:
+        return str(error)
+    return None
+
+
 # ---------------------------------------------------------------- writing a checkpoint
 
 
@@ -254,7 +380,7 @@ def _check_local_checkpoint(directory: Path) -> bytes:
         raise CheckpointError(
             f"{directory} is not a raysoup checkpoint (expected {WEIGHTS_FILE} and {META_FILE})"
         )
-    raw = (directory / META_FILE).read_bytes()
+    raw = read_meta_bytes(directory / META_FILE)
     expected = meta_from_bytes(raw, directory / META_FILE).content_hash
     actual = file_sha256(directory / WEIGHTS_FILE)
     if actual != expected:
@@ -381,14 +507,13 @@ def local_checkpoint(location: Location, cache_dir: Path | None = None) -> Path:
     if not is_uri(location):
         return _local(location)
     marker_location = join(location, META_FILE)
-    marker = read_bytes(marker_location)
-    expected = meta_from_bytes(marker, marker_location).content_hash
-    if not expected:
-        raise CheckpointError(f"{marker_location}: records no content_hash to verify against")
+    marker = _read_marker(str(marker_location))
+    expected = meta_from_bytes(marker, marker_location).content_hash  # 64 hex, checked
     cache = _storage_cache(cache_dir)
     target = cache / _cache_name(location, marker)
     if _is_local_checkpoint(target):
         return target
+    _check_remote_weights(str(location))
     fs, path = filesystem(location)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache))
     try:

@@ -45,6 +45,16 @@ def _filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
 
 
+class DamagedResultsError(ValueError):
+    """A part file that cannot be read; the message names it and how to recover."""
+
+
+REPAIR = (
+    "run the sweep's command again (same config and --storage): it sets damaged parts "
+    "aside and rewrites their rows from the checkpoints and the soup state"
+)
+
+
 class ResultsStore:
     """Append-only Parquet datasets under one run's ``results/`` folder."""
 
@@ -154,7 +164,52 @@ class ResultsStore:
                     raise
         raise AssertionError("unreachable")
 
+    def damage(self, path: str) -> str | None:
+        """Why the part file ``path`` cannot be read (its footer, checked), or ``None``."""
+        try:
+            pq.read_metadata(path, filesystem=self._fs)
+        except FileNotFoundError:
+            return None
+        except (pa.ArrowException, OSError) as error:
+            return str(error).splitlines()[0]
+        return None
+
+    def set_aside_damaged(self) -> list[str]:
+        """Move every unreadable part file to a hidden ``.damaged-*`` sibling (kept for a
+        post-mortem, skipped by readers); returns what was moved and why."""
+        moved = []
+        for kind in KINDS:
+            for path in self.part_files(kind):
+                why = self.damage(path)
+                if why is None:
+                    continue
+                folder, name = path.rsplit("/", 1)
+                self._fs.move(path, f"{folder}/.damaged-{name}-{uuid.uuid4().hex[:8]}")
+                moved.append(f"{self._display(path)} ({why})")
+        return moved
+
+    def part_keys(self, kind: str) -> set[str]:
+        """The ``part_key`` of every finished part of ``kind``."""
+        names = (path.rsplit("/", 1)[-1] for path in self.part_files(kind))
+        return {name[len(PART_PREFIX) : -len(PART_SUFFIX)] for name in names}
+
     def _read_files(self, kind: str, files: list[str]) -> pa.Table:
+        try:
+            return self._read_files_unchecked(kind, files)
+        except (pa.ArrowException, OSError) as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            damaged = [(path, why) for path in files if (why := self.damage(path))]
+            if not damaged:
+                raise
+            path, why = damaged[0]
+            raise DamagedResultsError(
+                f"{self._display(path)} is damaged ({why})"
+                f"{f' with {len(damaged) - 1} other part(s)' if len(damaged) > 1 else ''}: "
+                f"{REPAIR}"
+            ) from error
+
+    def _read_files_unchecked(self, kind: str, files: list[str]) -> pa.Table:
         dataset = ds.dataset(files, format="parquet", filesystem=self._fs)
         schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
         unified = pa.unify_schemas([schema(kind), *schemas])

@@ -18,6 +18,7 @@ from raysoup.data.builtin import BUILTIN_AUXILIARY, BUILTIN_TARGET
 from raysoup.data.registry import dataset_class
 from raysoup.models.networks import ARCHS
 from raysoup.options import OptionsError, from_mapping, option
+from raysoup.sweep import QUICKSTART_NAME
 from raysoup.training.hparams import REGISTRIES, sample_hparams
 from raysoup.training.inits import AUX_BUFFERS, INIT_STRATEGIES, RATATOUILLE_CHOICES
 from raysoup.training.trainer import EVAL_SCHEDULES, KEEP
@@ -44,7 +45,7 @@ RECORD_VERSION = 2
 class SweepConfig:
     """A whole ratatouille / soups experiment."""
 
-    name: str = option("quickstart", help="experiment name: the folder under the storage")
+    name: str = option(QUICKSTART_NAME, help="experiment name: the folder under the storage")
     dataset: str | None = option(
         BUILTIN_TARGET, help="target dataset; null: train only the auxiliary pool (no target)"
     )
@@ -291,6 +292,24 @@ def adopt_record(
             adopted[name] = earlier
     adopted = {k: v for k, v in adopted.items() if getattr(config, k) != v}
     return dataclasses.replace(config, **adopted), adopted
+
+
+def parse_record(raw: bytes, where: str) -> dict[str, Any]:
+    """A sweep record (``sweep.json``) from its bytes; a damaged one is an ``OptionsError``
+    that says how to recover (finished runs live in their checkpoints, not in it)."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        record = error
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        why = record if isinstance(record, Exception) else "no 'config' object"
+        raise OptionsError(
+            f"{where} is corrupt ({why}). It records the config the sweep was started with; "
+            f"finished runs are safe in their checkpoints. Delete {where} and run the same "
+            f"command with the sweep's original config to resume (a different config would "
+            f"mix runs), or start afresh with another --name."
+        )
+    return record
 
 
 def config_from_record(record: dict[str, Any], where: str = "sweep.json") -> SweepConfig:

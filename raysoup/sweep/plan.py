@@ -21,12 +21,12 @@ every auxiliary run starts from its dataset's LP head.
 ``<aux_pool>/checkpoints/aux/<key>`` (same keys), one folder per configured auxiliary
 run, so a pool holding more datasets than configured (e.g. the target's own) lends only
 the configured ones. That is the one case where planning reads files: the pool's
-``sweep.json`` and whether its checkpoints exist.
+``sweep.json``, whether its checkpoints exist, and, since a pool may come from anyone,
+their symlinks, metadata and safetensors headers (``raysoup.io.pool``, O(header) each).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,11 @@ from typing import Any
 from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage
-from raysoup.io.checkpoint import is_checkpoint
+from raysoup.io.checkpoint import META_FILE, check_weights, is_checkpoint, read_meta
+from raysoup.io.pool import check_meta_paths, check_pool_symlinks
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
-from raysoup.sweep.config import SweepConfig
+from raysoup.sweep.config import SweepConfig, parse_record
 from raysoup.training.trainer import SHARED_LP_SEED
 
 STAGE_ORDER = ("base", "lp", "aux", "target")
@@ -78,13 +79,15 @@ def lp_seed(config: SweepConfig, trial_seed: int) -> int:
 
 def check_aux_pool(config: SweepConfig) -> list[Path]:
     """The pool checkpoints a target sweep with ``aux_pool`` borrows, checked to exist and
-    to come from a compatible sweep; ``OptionsError`` naming what is wrong otherwise."""
+    to come from a compatible sweep; ``OptionsError`` naming what is wrong otherwise.
+    The pool is untrusted: a symlink leading out of it, or a checkpoint with malformed
+    metadata or weights header, or naming paths outside it, is a ``CheckpointError``."""
     assert config.aux_pool is not None
     pool = Path(config.aux_pool).expanduser().resolve()
     record = pool / SWEEP_RECORD
     if not record.is_file():
         raise OptionsError(f"aux_pool={str(config.aux_pool)!r}: no {SWEEP_RECORD}; not a sweep")
-    theirs = json.loads(record.read_text()).get("config", {})
+    theirs = parse_record(record.read_bytes(), str(record))["config"]
     ours = config.to_dict()
     for name in POOL_MUST_MATCH:
         if theirs.get(name) != ours[name]:
@@ -92,6 +95,7 @@ def check_aux_pool(config: SweepConfig) -> list[Path]:
                 f"aux_pool={str(config.aux_pool)!r} was trained with {name}="
                 f"{theirs.get(name)!r}, this sweep has {name}={ours[name]!r}"
             )
+    check_pool_symlinks(pool / CHECKPOINTS)
     paths = [
         checkpoint_path(pool, "aux", aux_key(aux, h))
         for aux in config.aux_datasets
@@ -104,6 +108,10 @@ def check_aux_pool(config: SweepConfig) -> list[Path]:
             f"finish the pool first (it has aux_datasets={theirs.get('aux_datasets')}, "
             f"aux_n_hparams={theirs.get('aux_n_hparams')})"
         )
+    for path in paths:  # refused here, before a single trial starts
+        meta = read_meta(path)
+        check_meta_paths(meta, pool, path / META_FILE)
+        check_weights(path, meta)
     return paths
 
 

@@ -37,9 +37,10 @@ from ray.actor import ActorHandle
 
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage as io_storage
+from raysoup.io.checkpoint import CheckpointError
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
-from raysoup.results import ResultsStore
+from raysoup.results.store import ResultsStore
 from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
 from raysoup.soup.greedy import rank_key
 from raysoup.soup.group import GroupKey, Offer
@@ -50,9 +51,11 @@ from raysoup.sweep.config import (
     SweepConfig,
     adopt_record,
     config_from_record,
+    parse_record,
 )
+from raysoup.sweep.lease import SweepLease
 from raysoup.sweep.plan import PlannedRun, dependencies, plan_sweep
-from raysoup.sweep.trainable import HPARAM_COLUMNS, run_trial
+from raysoup.sweep.trainable import HPARAM_COLUMNS, run_trial, trial_row
 from raysoup.training.hparams import sample_hparams
 
 CONFIG_FILE = "sweep.json"
@@ -103,7 +106,7 @@ def read_config(root: Location) -> SweepConfig:
     path = io_storage.join(root, CONFIG_FILE)
     if not io_storage.exists(path):
         raise FileNotFoundError(f"{root} holds no sweep: {CONFIG_FILE} is missing")
-    return config_from_record(json.loads(io_storage.read_bytes(path)), str(path))
+    return config_from_record(parse_record(io_storage.read_bytes(path), str(path)), str(path))
 
 
 def record_config(root: Location, config: SweepConfig) -> SweepConfig:
@@ -115,7 +118,7 @@ def record_config(root: Location, config: SweepConfig) -> SweepConfig:
     """
     path = io_storage.join(root, CONFIG_FILE)
     if io_storage.exists(path):
-        stored = json.loads(io_storage.read_bytes(path))
+        stored = parse_record(io_storage.read_bytes(path), str(path))
         if stored.get("version", 1) < RECORD_VERSION:
             config, adopted = adopt_record(config, stored.get("config", {}))
             if adopted:
@@ -154,6 +157,36 @@ def _tune_storage(root: Location) -> dict:
         return {"storage_path": str(io_storage.join(root, "tune"))}
     fs, path = io_storage.filesystem(io_storage.join(root, "tune"))
     return {"storage_path": path, "storage_filesystem": fs}
+
+
+def runs_to_do(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs without an intact checkpoint. A damaged one (truncated weights, a header
+    that does not fit the file) is retrained: said, not silently reused."""
+    todo = []
+    for run in runs:
+        out = run.spec["out"]
+        if not io_storage.is_checkpoint(out):
+            todo.append(run)
+        elif (why := io_storage.checkpoint_damage(out)) is not None:
+            print(
+                f"raysoup: warning: {run.key}: damaged checkpoint, retraining it ({why})",
+                file=sys.stderr,
+            )
+            todo.append(run)
+    return todo
+
+
+def restore_trial_rows(runs: list[PlannedRun], root: Location, config: SweepConfig) -> None:
+    """Write the ``trials`` row of every finished run that has none (its part was damaged
+    and set aside, or the trial ended between its checkpoint and its row): the row is a
+    function of the checkpoint's metadata, so nothing reported is ever lost."""
+    store = ResultsStore(str(io_storage.join(root, RESULTS)))
+    have = store.part_keys("trials")
+    for run in runs:
+        if run.key not in have and io_storage.is_checkpoint(run.spec["out"]):
+            meta = io_storage.read_meta(run.spec["out"])
+            row = trial_row(config.name, run.key, meta, run.spec["out"])
+            store.append("trials", [row], part_key=run.key)
 
 
 # The line naming the exception at the end of a traceback, e.g. "ValueError: bad value".
@@ -330,7 +363,8 @@ def run_stage(
 ) -> list[Failure]:
     """Run a stage's unfinished runs; returns those that failed, or could not start
     because a run in ``failed`` (earlier stages) they depend on failed."""
-    missing = [run for run in runs if not io_storage.is_checkpoint(run.spec["out"])]
+    missing = runs_to_do(runs)
+    restore_trial_rows(runs, root, config)
     if not missing:
         print(f"raysoup: stage {stage}: all {len(runs)} runs done, skipped", file=sys.stderr)
         return []
@@ -351,6 +385,7 @@ def run_stage(
         return failures
     # Done runs come along (they re-report without retraining); blocked ones cannot.
     errors = _fit(stage, [run for run in runs if run.key not in blocked], root, config, callbacks)
+    restore_trial_rows(runs, root, config)
     missing = [run for run in todo if not io_storage.is_checkpoint(run.spec["out"])]
     for run in (run for run in missing if run.key in errors):
         error = errors[run.key]
@@ -373,8 +408,18 @@ def run_sweep(config: SweepConfig, storage: Location) -> Location:
     """
     config.validate()
     root = experiment_root(storage, config.name)
+    io_storage.check_writable(root)  # a file, a read-only disk, a missing bucket: say so now
+    with SweepLease(root):
+        _run_sweep_held(config, root)
+    return root
+
+
+def _run_sweep_held(config: SweepConfig, root: Location) -> None:
+    """``run_sweep`` once this driver holds the sweep's lease."""
     config = record_config(root, config)
     plan = plan_sweep(config, root)
+    for damaged in ResultsStore(str(io_storage.join(root, RESULTS))).set_aside_damaged():
+        print(f"raysoup: warning: set aside damaged {damaged}; rewriting it", file=sys.stderr)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     failed: dict[str, Failure] = {}
@@ -398,7 +443,6 @@ def run_sweep(config: SweepConfig, storage: Location) -> Location:
         error = TrialsFailedError(root, list(failed.values()))
         print(f"raysoup: warning: {error}", file=sys.stderr)
         raise error
-    return root
 
 
 def run_sweep_status(config: SweepConfig, storage: Location) -> tuple[Location, int]:
@@ -483,10 +527,25 @@ def resoup(
     """
     root = io_storage.resolve(root)
     config = read_config(root)
+    with SweepLease(root):  # never next to a running sweep's soup actor
+        return _resoup_held(root, config, methods, accept, device)
+
+
+def _resoup_held(
+    root: Location, config: SweepConfig, methods: tuple[str, ...], accept: str | None, device: str
+) -> list[dict]:
     runs = plan_sweep(config, root).get("target", [])
     offers = finished_offers(runs)
     if not offers:
         raise FileNotFoundError(f"{root}: no finished target trial to soup")
+    damaged = [(o.checkpoint, why) for o in offers if (why := io_storage.verify(o.checkpoint))]
+    if damaged:  # before any soup is replaced: a soup must not silently lose a trial
+        listed = "; ".join(f"{path}: {why}" for path, why in damaged[:5])
+        raise CheckpointError(
+            f"{len(damaged)} trial checkpoint(s) are damaged ({listed}). Delete the damaged "
+            f"folder(s) and run the sweep's command again (it retrains exactly those "
+            f"runs), then soup again"
+        )
     # Best first, each trial is decided once: the batch order of Recipe 1, fewest evaluations.
     offers.sort(key=lambda offer: rank_key(offer.candidate))
     maker = SoupMaker(

@@ -76,7 +76,7 @@ def run_trial(config: dict[str, Any]) -> None:
     """Tune entry point: ``config["run"] = {"key", "spec", "sweep", "results"}``."""
     run = config["run"]
     spec = from_mapping(RunSpec, run["spec"], run["key"])
-    reused = storage.is_checkpoint(spec.out)
+    reused = storage.checkpoint_damage(spec.out) is None  # a damaged one is retrained
     if not reused:
 
         def progress(metrics: dict[str, Any]) -> None:

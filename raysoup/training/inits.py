@@ -14,6 +14,10 @@ plan into featurizer tensors.
 
 Leakage guard: an auxiliary checkpoint whose recorded dataset is the target dataset is
 never used (the pool skips it with a warning; loading it directly raises).
+
+Untrusted pools: a pool is refused (``CheckpointError``) when a symlink in it leads out of
+it or a checkpoint's metadata is malformed or names a path outside it
+(``raysoup.io.pool``); each checkpoint's header is checked again when it is loaded.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import torch
 
 from raysoup.io import storage
 from raysoup.io.checkpoint import (
+    META_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     check_state_dict,
     load_checkpoint,
 )
+from raysoup.io.pool import check_meta_paths, check_pool_symlinks
 
 INIT_STRATEGIES = ("pretrained", "ratatouille", "fusing")
 RATATOUILLE_CHOICES = ("reference", "random")
@@ -178,14 +184,18 @@ class AuxPool:
 
 def discover_aux_pool(dirs: Sequence[str | Path], target_dataset: str) -> AuxPool:
     """Find the auxiliary checkpoints under ``dirs`` (local paths or URIs, listed where they
-    are: only their metadata is read); skip those of ``target_dataset``."""
+    are: only their metadata is read); skip those of ``target_dataset``. Each root is an
+    untrusted pool: escaping symlinks, malformed metadata or metadata paths outside the
+    root refuse it with a ``CheckpointError``."""
     found: dict[str, list[tuple[int, str]]] = {}
     excluded: list[str] = []
     for root in dirs:
         if not storage.is_dir(root):
             raise FileNotFoundError(f"auxiliary directory {root} does not exist")
+        check_pool_symlinks(root)  # before listing: a symlinked checkpoint is refused, not skipped
         for path in storage.find_checkpoints(root):
             meta = storage.read_meta(path)
+            check_meta_paths(meta, root, storage.join(path, META_FILE))
             if meta.dataset == target_dataset:
                 excluded.append(str(path))
                 continue
