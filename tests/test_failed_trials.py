@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -161,17 +161,36 @@ def local_ray(tmp_path_factory):
 
 
 def _plant_aux(path: Path, *, poisoned: bool) -> None:
-    """An auxiliary checkpoint of ``AUX`` (hparams seed 0) made from the foundation's
-    weights; ``poisoned``: its featurizer is NaN, as a diverged (or corrupt) run's."""
-    state, meta = load_checkpoint(foundation_dir())
-    if poisoned:
-        state = {
-            k: torch.full_like(v, math.nan)
-            if k.startswith("featurizer.") and v.is_floating_point()
-            else v
-            for k, v in state.items()
-        }
-    meta = dataclasses.replace(meta, dataset=AUX, stage="aux", hparams_seed=0, content_hash="")
+    """An auxiliary checkpoint of ``AUX`` (hparams seed 0): the foundation's featurizer and
+    a fresh head, with consistent metadata; ``poisoned``: its featurizer is NaN, as a
+    diverged (or corrupt) run's."""
+    from raysoup.data.registry import dataset_class
+    from raysoup.io.checkpoint import CheckpointMeta
+    from raysoup.models.networks import build_network
+
+    cls = dataset_class(AUX)
+    network = build_network(
+        "glyphcnn", cls.NUM_CLASSES, input_channels=cls.INPUT_SHAPE[0], imagenet=False
+    )
+    foundation, _ = load_checkpoint(foundation_dir())
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    for key in state:
+        if key.startswith("featurizer."):
+            value = foundation[key]
+            poison = poisoned and value.is_floating_point()
+            state[key] = torch.full_like(value, math.nan) if poison else value
+    meta = CheckpointMeta(
+        dataset=AUX,
+        envs=list(cls.ENVIRONMENTS),
+        arch="glyphcnn",
+        num_classes=cls.NUM_CLASSES,
+        stage="aux",
+        test_env=-1,
+        hparams={"keep": "last"},
+        init={"strategy": "pretrained", "sources": ["pretrained"], "weights": [1.0]},
+    )
+    if path.exists():
+        shutil.rmtree(path)
     save_checkpoint(path, state, meta)
 
 
