@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raysoup.io.storage import StorageError
 from raysoup.options import OptionsError
 from raysoup.results import load_results, sweep_table
 from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import load_config
+from raysoup.sweep.lease import EXIT_HELD, LeaseHeldError
 from raysoup.sweep.runner import run_sweep_status
 
 
@@ -39,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as error:
         parser.error(str(error))  # exit code 2
     connect(args.address)
-    root, code = run_sweep_status(config, args.storage)  # 3: some runs failed (stderr)
+    try:
+        root, code = run_sweep_status(config, args.storage)  # 3: some runs failed (stderr)
+    except LeaseHeldError as error:  # another driver runs this sweep
+        print(f"{parser.prog}: refused: {error}", file=sys.stderr)
+        return EXIT_HELD
+    except StorageError as error:  # checked before Ray does any work
+        parser.error(str(error))
     print(sweep_table(load_results(root), dataset=config.dataset))
     return code
 

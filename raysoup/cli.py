@@ -7,6 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from raysoup.options import OptionsError, add_arguments, from_mapping
+from raysoup.sweep.lease import EXIT_HELD, LeaseHeldError
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_HELD", "build_parser", "main"]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -176,13 +179,10 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
 
 
 EXIT_BAD_INPUT = 2  # a bad config, path, storage or checkpoint: fix the input
-EXIT_HELD = 4  # another live driver holds the sweep's lease
 # 3: the sweep ended but some runs failed (raysoup.sweep.runner.EXIT_TRIALS_FAILED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from raysoup.sweep.lease import LeaseHeldError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(with_train=argv[:1] != ["run"])
     args = parser.parse_args(argv)

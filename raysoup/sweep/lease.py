@@ -51,6 +51,7 @@ LOCK_FILE = ".lease.lock"
 TTL_ENV = "RAYSOUP_LEASE_TTL_S"
 DEFAULT_TTL_S = 60.0
 DEFAULT_SETTLE_S = 2.0
+EXIT_HELD = 4  # exit code of a command refused because another live driver holds the sweep
 
 
 class LeaseHeldError(RuntimeError):

@@ -159,7 +159,7 @@ def _tune_storage(root: Location) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
-def runs_to_do(runs: list[PlannedRun]) -> list[PlannedRun]:
+def runs_to_do(runs: list[PlannedRun], quiet: bool = False) -> list[PlannedRun]:
     """The runs without an intact checkpoint. A damaged one (truncated weights, a header
     that does not fit the file) is retrained: said, not silently reused."""
     todo = []
@@ -168,10 +168,11 @@ def runs_to_do(runs: list[PlannedRun]) -> list[PlannedRun]:
         if not io_storage.is_checkpoint(out):
             todo.append(run)
         elif (why := io_storage.checkpoint_damage(out)) is not None:
-            print(
-                f"raysoup: warning: {run.key}: damaged checkpoint, retraining it ({why})",
-                file=sys.stderr,
-            )
+            if not quiet:
+                print(
+                    f"raysoup: warning: {run.key}: damaged checkpoint, retraining it ({why})",
+                    file=sys.stderr,
+                )
             todo.append(run)
     return todo
 
@@ -296,13 +297,17 @@ def _trial_keys(path: str, filesystem: Any = None) -> dict[str, str]:
     return {trial.path: trial.config["run"]["key"] for trial in analysis.trials}
 
 
-def _covers(path: str, filesystem: Any, keys: set[str]) -> bool:
-    """Whether the saved Tune experiment at ``path`` holds a trial for every key (it does
-    not when runs blocked by a failed dependency last time can run now)."""
+def _restorable(path: str, filesystem: Any, keys: set[str], todo: set[str]) -> bool:
+    """Whether restoring the saved Tune experiment at ``path`` would run every run in
+    ``todo``: it holds a trial for every key (it does not when runs blocked by a failed
+    dependency last time can run now), and none of ``todo`` ended there (a run that
+    finished but whose checkpoint was since damaged or deleted is not rerun by a restore)."""
     try:
-        return keys <= set(_trial_keys(path, filesystem).values())
+        analysis = tune.ExperimentAnalysis(path, storage_filesystem=filesystem)
+        status = {trial.config["run"]["key"]: trial.status for trial in analysis.trials}
     except (OSError, ValueError, KeyError, TypeError):  # unreadable: start afresh
         return False
+    return keys <= set(status) and all(status[key] != "TERMINATED" for key in todo)
 
 
 def _fit(
@@ -311,8 +316,9 @@ def _fit(
     root: Location,
     config: SweepConfig,
     callbacks: list[tune.Callback] | None,
+    todo: set[str],
 ) -> dict[str, BaseException | str | None]:
-    """Run ``runs`` with Tune (restoring the stage's experiment if it covers them);
+    """Run ``runs`` with Tune (restoring the stage's experiment if that reruns ``todo``);
     returns ``{key: error}`` of the trials that ended in an error."""
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     trainable = tune.with_resources(run_trial, resources)
@@ -320,8 +326,8 @@ def _fit(
     path = f"{tune_storage['storage_path']}/{stage}"
     filesystem = tune_storage.get("storage_filesystem")
     keys = {run.key for run in runs}
-    if tune.Tuner.can_restore(path, storage_filesystem=filesystem) and _covers(
-        path, filesystem, keys
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem) and _restorable(
+        path, filesystem, keys, todo
     ):
         # The callbacks come back from the saved experiment state.
         tuner = tune.Tuner.restore(
@@ -384,9 +390,16 @@ def run_stage(
     if not todo:
         return failures
     # Done runs come along (they re-report without retraining); blocked ones cannot.
-    errors = _fit(stage, [run for run in runs if run.key not in blocked], root, config, callbacks)
+    errors = _fit(
+        stage,
+        [run for run in runs if run.key not in blocked],
+        root,
+        config,
+        callbacks,
+        todo={run.key for run in todo},
+    )
     restore_trial_rows(runs, root, config)
-    missing = [run for run in todo if not io_storage.is_checkpoint(run.spec["out"])]
+    missing = runs_to_do(todo, quiet=True)
     for run in (run for run in missing if run.key in errors):
         error = errors[run.key]
         failures.append(record_failure(root, config, run, error_summary(error), error_text(error)))
