@@ -170,6 +170,13 @@ def check_weights(directory: str | Path, meta: CheckpointMeta) -> dict[str, Tens
     return header
 
 
+def load_file(path: str) -> dict[str, torch.Tensor]:
+    """safetensors' ``load_file``, imported on first use (torch comes with it)."""
+    from safetensors.torch import load_file as load
+
+    return load(path)
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     weights_header(path)  # refuse a forged header before safetensors sees it
     return _load_checked(path)
@@ -177,8 +184,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_checked(path: Path) -> dict[str, torch.Tensor]:
     try:
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({error})") from error
