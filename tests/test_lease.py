@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,19 @@ def test_heartbeat_renews_the_lease(tmp_path: Path) -> None:
             SweepLease(tmp_path).acquire()
 
 
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler for the test: Ray Tune's ``fit`` installs its own and
+    leaves it behind, so a test after an in-process sweep would see Tune's graceful stop
+    (which the lease's ``interrupt_main`` triggers in a real driver) instead."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("default_sigint")
 def test_a_lost_lease_stops_the_driver(tmp_path: Path) -> None:
     stranger = _lease(heartbeat=time.time() + 3600)
     caught = []
@@ -133,6 +147,7 @@ def test_a_lost_lease_stops_the_driver(tmp_path: Path) -> None:
     assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == stranger.token
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_interrupt_main_reaches_the_main_thread() -> None:
     """The mechanism the lost-lease stop relies on (guards against a Python change)."""
     threading.Timer(0.1, _thread.interrupt_main).start()
