@@ -29,18 +29,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from raysoup.io.storage import StorageError
 from raysoup.options import OptionsError, from_mapping
 from raysoup.results import load_results
 from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import SweepConfig
-from raysoup.sweep.lease import EXIT_HELD, LeaseHeldError
-from raysoup.sweep.runner import run_sweep_status
 from raysoup.sweep.script_options import (
     DATASETS,
     add_run_options,
     check_inputs,
     run_option_values,
+    run_sweep_for_script,
 )
 
 SUMMARY = ["trial_id", "dataset", "hparams_seed", "steps", "id_val_acc", "checkpoint"]
@@ -91,13 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as error:
         parser.error(str(error))  # exit code 2, before Ray starts
     connect(args.address)
-    try:
-        root, code = run_sweep_status(config, args.storage)  # 3: some runs failed (stderr)
-    except LeaseHeldError as error:  # another driver runs this sweep
-        print(f"{parser.prog}: refused: {error}", file=sys.stderr)
-        return EXIT_HELD
-    except StorageError as error:  # checked before Ray does any work
-        parser.error(str(error))
+    root, code = run_sweep_for_script(parser, config, args.storage)  # 3: runs failed
     trials = load_results(root)["trials"]
     aux = trials[trials.stage == "aux"].sort_values("trial_id")
     print(aux[SUMMARY].to_string(index=False))

@@ -36,19 +36,18 @@ import sys
 from pathlib import Path
 
 from raysoup.io import storage
-from raysoup.io.storage import StorageError
 from raysoup.options import OptionsError, from_mapping
 from raysoup.results import load_results, sweep_table
 from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import SweepConfig
-from raysoup.sweep.lease import EXIT_HELD, LeaseHeldError
 from raysoup.sweep.plan import plan_sweep
-from raysoup.sweep.runner import experiment_root, run_sweep_status
+from raysoup.sweep.runner import experiment_root
 from raysoup.sweep.script_options import (
     DATASETS,
     add_run_options,
     check_inputs,
     run_option_values,
+    run_sweep_for_script,
 )
 from raysoup.training.inits import INIT_STRATEGIES
 
@@ -168,13 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as error:
         parser.error(str(error))  # exit code 2, before Ray starts
     connect(args.address)
-    try:
-        root, code = run_sweep_status(config, args.storage)  # 3: some runs failed (stderr)
-    except LeaseHeldError as error:  # another driver runs this sweep
-        print(f"{parser.prog}: refused: {error}", file=sys.stderr)
-        return EXIT_HELD
-    except StorageError as error:  # checked before Ray does any work
-        parser.error(str(error))
+    root, code = run_sweep_for_script(parser, config, args.storage)  # 3: runs failed
     print(sweep_table(load_results(root), dataset=config.dataset))
     print(f"results: {storage.join(root, 'results')}")  # root is a URI string on s3://
     return code

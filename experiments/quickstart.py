@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raysoup.io.storage import StorageError
 from raysoup.options import OptionsError
 from raysoup.results import load_results, sweep_table
 from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import load_config
-from raysoup.sweep.lease import EXIT_HELD, LeaseHeldError
-from raysoup.sweep.runner import run_sweep_status
+from raysoup.sweep.script_options import run_sweep_for_script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,13 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as error:
         parser.error(str(error))  # exit code 2
     connect(args.address)
-    try:
-        root, code = run_sweep_status(config, args.storage)  # 3: some runs failed (stderr)
-    except LeaseHeldError as error:  # another driver runs this sweep
-        print(f"{parser.prog}: refused: {error}", file=sys.stderr)
-        return EXIT_HELD
-    except StorageError as error:  # checked before Ray does any work
-        parser.error(str(error))
+    root, code = run_sweep_for_script(parser, config, args.storage)  # 3: runs failed
     print(sweep_table(load_results(root), dataset=config.dataset))
     return code
 

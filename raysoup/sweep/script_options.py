@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from raysoup.data.domainbed import DOMAINBED_DATASETS
+from raysoup.io.storage import Location
 from raysoup.models.networks import ARCHS, SMALL_ARCHS
 from raysoup.options import OptionsError
 from raysoup.sweep.config import SweepConfig
@@ -115,3 +117,22 @@ def check_inputs(config: SweepConfig, data_dir: Path, datasets: list[str]) -> No
                 f"--data-dir {str(data_dir)!r}: {folder} does not exist (expected "
                 f"<data-dir>/{DATASETS[name].FOLDER}/<env>/<class>/<image> for {name})"
             )
+
+
+def run_sweep_for_script(
+    parser: argparse.ArgumentParser, config: SweepConfig, storage: Location
+) -> tuple[Location, int]:
+    """``run_sweep_status`` for the experiment scripts: ``(root, exit code)``; a sweep held
+    by another driver exits with ``EXIT_HELD``, a bad storage with the parser's error (2),
+    both without a traceback."""
+    from raysoup.io.storage import StorageError
+    from raysoup.sweep.lease import EXIT_HELD, LeaseHeldError
+    from raysoup.sweep.runner import run_sweep_status
+
+    try:
+        return run_sweep_status(config, storage)  # code 3: some runs failed (stderr)
+    except LeaseHeldError as error:  # another driver runs this sweep
+        print(f"{parser.prog}: refused: {error}", file=sys.stderr)
+        sys.exit(EXIT_HELD)
+    except StorageError as error:  # checked before Ray does any work
+        parser.error(str(error))
