@@ -139,6 +139,25 @@ def s3_endpoint() -> Iterator[str]:
             server.stop()
 
 
+def local_ray_with_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A local 2-CPU Ray with its own raysoup cache, for a module fixture to ``yield from``
+    (started after any environment, e.g. an S3 endpoint's, that its workers must inherit)."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAYSOUP_CACHE", str(tmp_path_factory.mktemp("raysoup-cache")))
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        )
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
 def make_bucket(name: str) -> str:
     """Create bucket ``name`` on the current endpoint; returns ``s3://name``."""
     import pyarrow.fs as pafs

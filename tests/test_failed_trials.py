@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
+from conftest import local_ray_with_cache
 
 from raysoup.cli import main
 from raysoup.data.builtin import BUILTIN_AUXILIARY, BUILTIN_TARGET
@@ -146,18 +146,7 @@ def test_incomplete_groups_are_named() -> None:
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAYSOUP_CACHE", str(tmp_path_factory.mktemp("raysoup-cache")))
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        )
-        try:
-            yield
-        finally:
-            ray.shutdown()
+    yield from local_ray_with_cache(tmp_path_factory)
 
 
 def _plant_aux(path: Path, *, poisoned: bool) -> None:

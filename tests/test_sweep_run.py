@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
-import ray
+from conftest import local_ray_with_cache
 from ray import tune
 
 from raysoup.cli import main
@@ -24,18 +24,7 @@ pytestmark = pytest.mark.slow
 def local_ray(s3_endpoint, tmp_path_factory):
     """One local Ray for the module, started once the S3 endpoint's environment is set
     (its workers inherit it), with its own raysoup cache."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAYSOUP_CACHE", str(tmp_path_factory.mktemp("raysoup-cache")))
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        )
-        try:
-            yield
-        finally:
-            ray.shutdown()
+    yield from local_ray_with_cache(tmp_path_factory)
 
 
 def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> None:
