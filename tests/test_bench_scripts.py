@@ -12,7 +12,14 @@ import pandas as pd
 import pytest
 
 BENCH = Path(__file__).parents[1] / "experiments" / "bench"
-SCRIPTS = ("merge_throughput", "time_to_soup", "soup_memory", "orchestration", "method_table")
+SCRIPTS = (
+    "merge_throughput",
+    "time_to_soup",
+    "soup_memory",
+    "orchestration",
+    "method_table",
+    "trainer_throughput",
+)
 
 
 def _load(name: str) -> ModuleType:
@@ -122,6 +129,23 @@ def test_orchestration_overhead_row() -> None:
     assert row["overhead_per_trial_s"] == 1.0 and row["overhead_in_trials_x"] == 10.0 / 6.0
     config = bench.sweep_config("orch", 7, 2, torch.device("cpu"))
     assert config.n_hparams == 7 and config.inits == ["pretrained"]
+
+
+def test_trainer_throughput_rows(tmp_path) -> None:
+    base = _random_base(tmp_path / "base")
+    out = tmp_path / "throughput.parquet"
+    bench = _load("trainer_throughput")
+    args = ["--steps", "3", "--repeats", "1", "--base", str(base), "--out", str(out)]
+    assert bench.main(args) == 0
+    rows = pd.read_parquet(out).set_index("mode")
+    assert list(rows.index) == list(bench.MODES)
+    assert rows.loc[bench.MODES[0], "x_bare"] == 1.0
+    assert rows.loc[bench.MODES[0], ["eval_share", "data_share"]].tolist() == [0.0, 0.0]
+    trainer = rows.loc[list(bench.MODES[1:])]
+    assert ((trainer.eval_share > 0) & (trainer.eval_share < 1)).all()
+    assert ((trainer.data_share > 0) & (trainer.data_share < 1)).all()
+    # 3 steps of 32 images from each of the 5 training envs (default hparams)
+    assert (rows.images == 3 * 32 * 5).all() and (rows.images_per_s > 0).all()
 
 
 def test_method_table_reads_an_existing_run(tmp_path) -> None:

@@ -183,6 +183,11 @@ def _plant_aux(path: Path, *, poisoned: bool) -> None:
     save_checkpoint(path, state, meta)
 
 
+def _trial_dirs(root: Path) -> list[Path]:
+    """The trial folders of the sweep's Tune experiment (every driver's)."""
+    return [p for p in (root / "tune" / "sweep").iterdir() if p.is_dir()]
+
+
 def _mtimes(root: Path, but: str) -> dict[Path, int]:
     """The trained checkpoints (LP and target runs) other than ``but``'s."""
     return {
@@ -252,13 +257,14 @@ def test_a_failing_trial_leaves_soups_of_the_rest_then_a_rerun_retries_it_alone(
     yaml_file = tmp_path / "failing.yaml"
     yaml_file.write_text(yaml.safe_dump(values))
     before, first_error = _mtimes(root, bad), error_file.stat().st_mtime_ns
+    n_trial_dirs = len(_trial_dirs(root))
     assert main(["run", str(yaml_file), "--storage", str(tmp_path)]) == EXIT_TRIALS_FAILED
     err = capfd.readouterr().err
     assert "stage target: 1 of 4 runs to do" in err and "stage lp: all 1 runs done" in err
     assert _mtimes(root, bad) == before  # nothing else retrained
     assert error_file.stat().st_mtime_ns > first_error  # it was tried again
-    # by restoring Tune's experiment (errored trials resumed), not by a new one
-    assert len([p for p in (root / "tune" / "target").iterdir() if p.is_dir()]) == 4
+    # one new trial in the sweep's experiment: the failed run's, nothing else started
+    assert len(_trial_dirs(root)) == n_trial_dirs + 1
     again = load_results(root)["trials"]
     assert len(again) == len(trials) and again.trial_id.is_unique
 

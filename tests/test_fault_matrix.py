@@ -272,8 +272,8 @@ def _running_trial_workers(driver: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray workers through /proc")
 def test_fault_worker_then_driver_killed_on_s3(reference, s3_bucket, tmp_path) -> None:
-    """SIGKILL of a trial's worker mid-trial (Tune retries the trial), then SIGKILL of the
-    driver mid target stage, on S3; the same command resumes to the reference results."""
+    """SIGKILL of a trial's worker mid-trial once target trials run (Tune retries the
+    trial), then SIGKILL of the driver mid target stage, on S3; the same command resumes to the reference results."""
     *_, config, _ = reference
     storage = f"{s3_bucket}/runs"
     root = f"{storage}/interrupt"
@@ -285,7 +285,7 @@ def test_fault_worker_then_driver_killed_on_s3(reference, s3_bucket, tmp_path) -
     deadline = time.time() + 1500
     killed: list[int] = []
     while time.time() < deadline and driver.poll() is None and not killed:
-        if "stage target:" in log_path.read_text():
+        if find_checkpoints(f"{root}/checkpoints/target"):  # target trials are running
             for worker in _running_trial_workers(driver.pid)[:1]:
                 time.sleep(1.0)  # mid-trial, not at its start
                 os.kill(worker, signal.SIGKILL)

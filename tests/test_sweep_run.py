@@ -135,7 +135,8 @@ def test_sweep_on_s3_then_resume(local_ray, s3_bucket, capfd) -> None:
     temporary = [f for f in files if any(part.startswith(".") for part in f.split("/"))]
     assert [f for f in temporary if not f.startswith("tune/")] == []
     fs, tune_path = storage.filesystem(f"{root}/tune")
-    assert tune.Tuner.can_restore(f"{tune_path}/target", storage_filesystem=fs)
+    # Tune's experiment state (every run's trial) reached the bucket too
+    assert tune.Tuner.can_restore(f"{tune_path}/sweep", storage_filesystem=fs)
     soups = load_results(root)["soups"]  # the soup actor read and wrote the bucket too
     group_methods = ["erm", "uniform", "greedy", "ensemble"]
     assert sorted(soups.method) == sorted([*group_methods, "uniform_all"] * 2)

@@ -4,7 +4,7 @@ Runs a sweep config (default ``experiments/method_table.yaml``: the built-in ben
 3 trial seeds) through ``run_sweep``, exactly as ``raysoup run CONFIG`` does, then prints
 the paper table (held-out test accuracy, mean ± SE over trial seeds, DomainBed's SE) with
 the wall time the sweep took, and writes one Parquet row per (method, init, test env).
-Running it again under the same name resumes (finished stages are skipped; the wall time
+Running it again under the same name resumes (finished runs are skipped; the wall time
 is then that of the resume, flagged ``resumed``). ``--results RUN`` only re-reads an
 existing run's results (no sweep).
 
@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     from raysoup.options import OptionsError
     from raysoup.results import format_table, load_results
     from raysoup.sweep.config import load_config
-    from raysoup.sweep.runner import experiment_root, read_config, run_sweep
+    from raysoup.sweep.runner import experiment_root, read_config
+    from raysoup.sweep.script_options import run_sweep_for_script
 
     wall = math.nan
     resumed = False
+    code = 0
     if args.results is not None:
         root = args.results
         try:
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
         resumed = (experiment_root(args.storage, config.name) / "sweep.json").is_file()
         started = time.perf_counter()
-        root = run_sweep(config, args.storage)
+        root, code = run_sweep_for_script(parser, config, args.storage)  # 3: runs failed
         wall = time.perf_counter() - started
     soups = load_results(root)["soups"]
     if soups.empty:
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if not math.isnan(wall):
         print(f"wall time: {wall / 60:.1f} min{' (resumed)' if resumed else ''}")
     print(f"rows: {write_rows(rows, args.out)}")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ row, Tune checkpoint):
 - ``without``: the target stage alone;
 - ``with``: as ``run_sweep`` runs it: ``start_soup`` (the soup actor), the stage with the
   ``SoupFeeder`` callback, ``hand_over`` and ``finalize`` (all soups written);
-- ``reuse-actors``: a what-if, not what raysoup does today: the same Tuner as
-  ``run_stage`` (same trainable and trial configs, no soup) with Tune's
-  ``reuse_actors=True``, so trials run in a few long-lived worker processes instead of one
-  fresh process (importing torch and raysoup) per trial.
+- ``fresh-workers``: ``without`` with ``reuse_workers: false``, what raysoup did before
+  it reused Tune's workers: one fresh worker process (importing torch and raysoup) per
+  trial instead of a few long-lived ones.
 
 Reported: the wall time of each, the ideal ``total work / slots`` (work = the same trial
 run standalone in this process, ``--calibrate`` of them, median), the overhead ratio
@@ -48,11 +47,13 @@ from benchlib import (
     write_rows,
 )
 
-MODES = ("without", "with", "reuse-actors")
+MODES = ("without", "with", "fresh-workers")
 LP_STEPS = 20
 
 
-def sweep_config(name: str, trials: int, steps: int, device: torch.device) -> Any:
+def sweep_config(
+    name: str, trials: int, steps: int, device: torch.device, reuse_workers: bool = True
+) -> Any:
     """The benchmark sweep: one group of ``trials`` short pretrained-init trials."""
     from raysoup.sweep.config import SweepConfig
 
@@ -69,6 +70,7 @@ def sweep_config(name: str, trials: int, steps: int, device: torch.device) -> An
         gpus_per_trial=0.45 if gpu else 0.0,  # two trials share the GPU beside the actor
         soup_gpus=0.1 if gpu else 0.0,
         max_failures=0,
+        reuse_workers=reuse_workers,
     ).validate()
 
 
@@ -147,32 +149,6 @@ def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dic
     }
 
 
-def run_reusing_actors(root: Path, config: Any, runs: list[Any]) -> dict[str, Any]:
-    """``run_stage``'s Tuner for the target stage, with ``reuse_actors=True`` (what-if)."""
-    from ray import tune
-
-    from raysoup.sweep.runner import _trial_config
-    from raysoup.sweep.trainable import run_trial
-
-    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-    started = time.perf_counter()
-    tuner = tune.Tuner(
-        tune.with_resources(run_trial, resources),
-        param_space={"run": tune.grid_search([_trial_config(r, root, config) for r in runs])},
-        tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(
-            name="target",
-            storage_path=str(root / "tune"),
-            failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            verbose=1,
-        ),
-    )
-    grid = tuner.fit()
-    if grid.errors:
-        raise RuntimeError(f"reuse-actors sweep failed: {grid.errors[0]}")
-    return {"wall_s": time.perf_counter() - started}
-
-
 def trial_work(runs: list[Any]) -> float:
     """Seconds of work the trials measured themselves (``wall_s`` of their checkpoints)."""
     from raysoup.io.checkpoint import read_meta
@@ -201,8 +177,8 @@ def overhead_row(
 
 
 def fresh_import_s() -> float:
-    """Seconds a fresh Python process takes to import the trainable (what every Tune trial
-    pays: Tune starts one worker process per trial, ``reuse_actors`` being off)."""
+    """Seconds a fresh Python process takes to import the trainable (what every trial paid
+    when Tune started one worker process per trial)."""
     code = "import raysoup.sweep.trainable"
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -233,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         lp_from = None
         prepared = {}
         for mode in args.modes:
-            config = sweep_config(f"orch-{mode}-{stamp}", args.trials, args.steps, device)
+            config = sweep_config(
+                f"orch-{mode}-{stamp}", args.trials, args.steps, device, mode != "fresh-workers"
+            )
             root = workdir / config.name
             prepared[mode] = (root, config, prepare(root, config, lp_from))
             lp_from = Path(prepared[mode][2][0].spec["lp_head"])
@@ -250,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         start_local_ray(Path(tmp) / "ray", args.cpus, 1 if device.type == "cuda" else 0)
         try:
             for mode, (root, config, runs) in prepared.items():
-                if mode == "reuse-actors":
-                    measured = run_reusing_actors(root, config, runs)
-                else:
-                    measured = run_target(root, config, runs, with_soup=mode == "with")
+                measured = run_target(root, config, runs, with_soup=mode == "with")
                 row = overhead_row(mode, args.trials, slots, measured, standalone, trial_work(runs))
                 rows.append(row)
         finally:

@@ -108,6 +108,9 @@ class SweepConfig:
     gpus_per_trial: float = option(0.0, help="GPUs per trial (fractions share a GPU)")
     max_failures: int = option(2, help="retries of a failed trial")
     max_concurrent_trials: int = option(0, help="0 = as many as resources allow")
+    reuse_workers: bool = option(
+        True, help="run trial after trial in long-lived worker processes (off: one per trial)"
+    )
     soup_accept: str = option("ge", help="greedy soup acceptance: >= or >", choices=ACCEPT)
     soup_cpus: float = option(0.0, help="CPUs reserved for the soup actor")
     soup_gpus: float = option(0.0, help="GPU share of the soup actor (it evaluates soups)")
@@ -257,7 +260,14 @@ class SweepConfig:
     def fingerprint(self) -> str:
         """Identity of what the sweep computes: two configs with the same one are the same."""
         values = self.to_dict()
-        how = ("max_concurrent_trials", "max_failures", "soup_cpus", "soup_gpus", "soup_max_models")
+        how = (
+            "max_concurrent_trials",
+            "max_failures",
+            "reuse_workers",
+            "soup_cpus",
+            "soup_gpus",
+            "soup_max_models",
+        )
         for knob in how:  # how it runs, not what it computes
             values.pop(knob)
         # Options added later drop out at the value that computes what sweeps recorded

@@ -1,13 +1,17 @@
-"""Run a sweep's stages as Ray Tune experiments under ``<storage>/<name>/``.
+"""Run a sweep's runs as one Ray Tune experiment under ``<storage>/<name>/``.
 
 Layout: ``sweep.json`` (the config, to refuse a different one under the same name),
-``tune/<stage>/`` (Tune's experiment state, for ``Tuner.restore``),
-``checkpoints/<stage>/<key>/`` (every run's checkpoint), ``failures/<stage>/<key>.txt``
-(a failed run's full error), ``results/`` (Parquet).
+``tune/sweep/`` (Tune's experiment state and trial logs), ``checkpoints/<stage>/<key>/``
+(every run's checkpoint), ``failures/<stage>/<key>.txt`` (a failed run's full error),
+``results/`` (Parquet), ``lease.json`` (the driver holding the sweep).
 
-Resume: a stage whose checkpoints all exist is skipped; an unfinished stage is restored
-(errored trials resumed; a new experiment when runs blocked last time can run now); a
-trial whose checkpoint exists reports it without retraining.
+Scheduling: every run of every stage is a trial of one experiment, and they share its
+slots; a run starts as soon as the runs it starts from (its base, its LP head, the
+auxiliary runs of its init) are done (``raysoup.sweep.schedule``). Trials run in
+long-lived worker processes that Tune reuses from trial to trial.
+
+Resume: the runs with an intact checkpoint are done and never trained again; a new
+experiment runs the rest (a damaged checkpoint is retrained, said on stderr).
 
 Failures: a run that still fails after ``max_failures`` retries gets a ``trials`` row with
 ``status = "failed"``, the first line of its error and ``error_file``, the full text under
@@ -55,11 +59,13 @@ from raysoup.sweep.config import (
 )
 from raysoup.sweep.lease import SweepLease
 from raysoup.sweep.plan import PlannedRun, dependencies, plan_sweep
+from raysoup.sweep.schedule import PlanSearcher
 from raysoup.sweep.trainable import HPARAM_COLUMNS, run_trial, trial_row
 from raysoup.training.hparams import sample_hparams
 
 CONFIG_FILE = "sweep.json"
 RESULTS = "results"
+SWEEP_EXPERIMENT = "sweep"  # <root>/tune/sweep/: the Tune experiment of every run
 FAILURES = "failures"  # <root>/failures/<stage>/<key>.txt: the full error of a failed run
 EXIT_TRIALS_FAILED = 3  # `raysoup run`: the sweep ended, but some runs failed
 
@@ -297,64 +303,122 @@ def _trial_keys(path: str, filesystem: Any = None) -> dict[str, str]:
     return {trial.path: trial.config["run"]["key"] for trial in analysis.trials}
 
 
-def _restorable(path: str, filesystem: Any, keys: set[str], todo: set[str]) -> bool:
-    """Whether restoring the saved Tune experiment at ``path`` would run every run in
-    ``todo``: it holds a trial for every key (it does not when runs blocked by a failed
-    dependency last time can run now), and none of ``todo`` ended there (a run that
-    finished but whose checkpoint was since damaged or deleted is not rerun by a restore)."""
-    try:
-        analysis = tune.ExperimentAnalysis(path, storage_filesystem=filesystem)
-        status = {trial.config["run"]["key"]: trial.status for trial in analysis.trials}
-    except (OSError, ValueError, KeyError, TypeError):  # unreadable: start afresh
-        return False
-    return keys <= set(status) and all(status[key] != "TERMINATED" for key in todo)
-
-
 def _fit(
-    stage: str,
+    name: str,
     runs: list[PlannedRun],
+    waits_for: Mapping[str, list[str]],
     root: Location,
     config: SweepConfig,
     callbacks: list[tune.Callback] | None,
-    todo: set[str],
-) -> dict[str, BaseException | str | None]:
-    """Run ``runs`` with Tune (restoring the stage's experiment if that reruns ``todo``);
-    returns ``{key: error}`` of the trials that ended in an error."""
+) -> tuple[dict[str, BaseException | str | None], dict[str, str]]:
+    """Run ``runs`` as one Tune experiment ``name``, each as soon as the runs it
+    ``waits_for`` are done. Returns ``({key: error}`` of the trials that ended in an
+    error, ``{key: failed run}`` of those never started because a run they need failed).
+
+    Trials run in long-lived worker processes (``reuse_actors``, unless
+    ``config.reuse_workers`` is off): a trial pays no process start and no torch import,
+    and ``train_run`` reseeds everything, so its result is the same bits as in a fresh
+    process. A resumed sweep is a new experiment planned from the
+    checkpoints (never ``Tuner.restore``: a finished run is never trained twice, a damaged
+    one always is).
+    """
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-    trainable = tune.with_resources(run_trial, resources)
     tune_storage = _tune_storage(root)
-    path = f"{tune_storage['storage_path']}/{stage}"
-    filesystem = tune_storage.get("storage_filesystem")
-    keys = {run.key for run in runs}
-    if tune.Tuner.can_restore(path, storage_filesystem=filesystem) and _restorable(
-        path, filesystem, keys, todo
-    ):
-        # The callbacks come back from the saved experiment state.
-        tuner = tune.Tuner.restore(
-            path, trainable, resume_errored=True, storage_filesystem=filesystem
-        )
-    else:  # a new experiment in the same folder (Tune restores the newest)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"run": tune.grid_search([_trial_config(r, root, config) for r in runs])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent_trials or None),
-            run_config=tune.RunConfig(
-                name=stage,
-                **tune_storage,
-                failure_config=tune.FailureConfig(max_failures=config.max_failures),
-                callbacks=list(callbacks or []),
-                verbose=1,
-            ),
-        )
+    searcher = PlanSearcher({run.key: _trial_config(run, root, config) for run in runs}, waits_for)
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, resources),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=len(runs),
+            max_concurrent_trials=config.max_concurrent_trials or None,
+            reuse_actors=config.reuse_workers,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            **tune_storage,
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            callbacks=list(callbacks or []),
+            verbose=1,
+        ),
+    )
     grid = tuner.fit()
+    blocked = dict(searcher.queue.blocked)
     if not grid.errors:
-        return {}
-    keys_by_path = _trial_keys(path, filesystem)
-    return {
+        return {}, blocked
+    path = f"{tune_storage['storage_path']}/{name}"
+    keys_by_path = _trial_keys(path, tune_storage.get("storage_filesystem"))
+    errors = {
         keys_by_path.get(result.path, ""): result.error
         for result in grid
         if result.error is not None
     }
+    return errors, blocked
+
+
+def run_runs(
+    name: str,
+    runs: list[PlannedRun],
+    root: Location,
+    config: SweepConfig,
+    callbacks: list[tune.Callback] | None = None,
+    *,
+    plan: Mapping[str, list[PlannedRun]] | None = None,
+    failed: Mapping[str, Failure] | None = None,
+) -> list[Failure]:
+    """Run the unfinished ``runs`` (of any stages) in one Tune experiment ``name``; a run
+    starts as soon as the runs of ``plan`` it starts from are done. Returns the runs that
+    failed, or could not start because a run they need failed (here or in ``failed``)."""
+    plan = plan or {}
+    missing = runs_to_do(runs)
+    restore_trial_rows(runs, root, config)
+    failed = dict(failed or {})
+    blocked = blocked_runs(missing, {**plan, "_": runs}, failed)
+    failures = []
+    for run in (run for run in missing if run.key in blocked):
+        cause = failed[blocked[run.key][0]]
+        error = f"not attempted: depends on failed run(s) {blocked[run.key]} ({cause.error})"
+        failures.append(record_failure(root, config, run, error, error_file=cause.error_file))
+    todo = [run for run in missing if run.key not in blocked]
+    for stage in dict.fromkeys(run.stage for run in runs):
+        n_runs = sum(run.stage == stage for run in runs)
+        n_todo = sum(run.stage == stage for run in todo)
+        n_blocked = sum(run.stage == stage and run.key in blocked for run in missing)
+        if n_todo == n_blocked == 0:
+            print(f"raysoup: stage {stage}: all {n_runs} runs done, skipped", file=sys.stderr)
+        else:
+            print(
+                f"raysoup: stage {stage}: {n_todo} of {n_runs} runs to do"
+                + (f", {n_blocked} blocked by failed runs" if n_blocked else ""),
+                file=sys.stderr,
+            )
+    if not todo:
+        return failures
+    todo_keys = {run.key for run in todo}
+    every = {**plan, "_": runs}
+    waits_for = {
+        run.key: [key for key in dependencies(run, every) if key in todo_keys] for run in todo
+    }
+    errors, not_started = _fit(name, todo, waits_for, root, config, callbacks)
+    restore_trial_rows(runs, root, config)
+    missing = runs_to_do(todo, quiet=True)
+    for run in (run for run in missing if run.key in errors):
+        error = errors[run.key]
+        failure = record_failure(root, config, run, error_summary(error), error_text(error))
+        failed[run.key] = failure
+        failures.append(failure)
+    for run in (run for run in missing if run.key in not_started):
+        cause = failed[not_started[run.key]]
+        error = f"not attempted: depends on failed run(s) {[cause.key]} ({cause.error})"
+        failures.append(record_failure(root, config, run, error, error_file=cause.error_file))
+    unfinished = [
+        run.key for run in missing if run.key not in errors and run.key not in not_started
+    ]
+    if unfinished:  # no error: Tune stopped early (Ctrl-C), not a failure of these runs
+        raise SweepError(
+            f"{len(unfinished)} run(s) did not finish ({unfinished[:5]}). "
+            f"Run the same command again to resume."
+        )
+    return failures
 
 
 def run_stage(
@@ -367,49 +431,9 @@ def run_stage(
     plan: Mapping[str, list[PlannedRun]] | None = None,
     failed: Mapping[str, Failure] | None = None,
 ) -> list[Failure]:
-    """Run a stage's unfinished runs; returns those that failed, or could not start
-    because a run in ``failed`` (earlier stages) they depend on failed."""
-    missing = runs_to_do(runs)
-    restore_trial_rows(runs, root, config)
-    if not missing:
-        print(f"raysoup: stage {stage}: all {len(runs)} runs done, skipped", file=sys.stderr)
-        return []
-    failed = failed or {}
-    blocked = blocked_runs(missing, plan or {stage: runs}, failed)
-    failures = []
-    for run in (run for run in missing if run.key in blocked):
-        cause = failed[blocked[run.key][0]]
-        error = f"not attempted: depends on failed run(s) {blocked[run.key]} ({cause.error})"
-        failures.append(record_failure(root, config, run, error, error_file=cause.error_file))
-    todo = [run for run in missing if run.key not in blocked]
-    print(
-        f"raysoup: stage {stage}: {len(todo)} of {len(runs)} runs to do"
-        + (f", {len(blocked)} blocked by failed runs" if blocked else ""),
-        file=sys.stderr,
-    )
-    if not todo:
-        return failures
-    # Done runs come along (they re-report without retraining); blocked ones cannot.
-    errors = _fit(
-        stage,
-        [run for run in runs if run.key not in blocked],
-        root,
-        config,
-        callbacks,
-        todo={run.key for run in todo},
-    )
-    restore_trial_rows(runs, root, config)
-    missing = runs_to_do(todo, quiet=True)
-    for run in (run for run in missing if run.key in errors):
-        error = errors[run.key]
-        failures.append(record_failure(root, config, run, error_summary(error), error_text(error)))
-    unfinished = [run.key for run in missing if run.key not in errors]
-    if unfinished:  # no error: Tune stopped early (Ctrl-C), not a failure of these runs
-        raise SweepError(
-            f"stage {stage}: {len(unfinished)} run(s) did not finish ({unfinished[:5]}). "
-            f"Run the same command again to resume."
-        )
-    return failures
+    """``run_runs`` for one stage's runs, as the Tune experiment ``<stage>`` (the runs
+    they start from must be done, or in ``failed``)."""
+    return run_runs(stage, runs, root, config, callbacks, plan=plan, failed=failed)
 
 
 def run_sweep(config: SweepConfig, storage: Location) -> Location:
@@ -435,25 +459,23 @@ def _run_sweep_held(config: SweepConfig, root: Location) -> None:
         print(f"raysoup: warning: set aside damaged {damaged}; rewriting it", file=sys.stderr)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    failed: dict[str, Failure] = {}
-    for stage, runs in plan.items():
-        callbacks = []
-        if stage == "target":
-            soup = start_soup(root, config, runs)
-            callbacks = [SoupFeeder(actor_name(config.name, root))]
-        for failure in run_stage(stage, runs, root, config, callbacks, plan=plan, failed=failed):
-            failed[failure.key] = failure
-        if stage != "target":
-            continue
-        hand_over(soup, runs)  # idempotent: whatever the actor already has is skipped
+    targets = plan.get("target", [])
+    callbacks: list[tune.Callback] = []
+    if targets:  # listening before any trial starts: a target may finish early
+        soup = start_soup(root, config, targets)
+        callbacks = [SoupFeeder(actor_name(config.name, root))]
+    every = [run for runs in plan.values() for run in runs]
+    failures = run_runs(SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan)
+    if targets:
+        hand_over(soup, targets)  # idempotent: whatever the actor already has is skipped
         # Groups with failed trials never complete: finalize them with the trials there are.
         for row in ray.get(soup.finalize.remote()):
             print(f"raysoup: soup {describe(row)}", file=sys.stderr)
         summary = ray.get(soup.summary.remote())
-        for line in incomplete_groups(planned_groups(runs), summary):
+        for line in incomplete_groups(planned_groups(targets), summary):
             print(f"raysoup: warning: {line}", file=sys.stderr)
-    if failed:
-        error = TrialsFailedError(root, list(failed.values()))
+    if failures:
+        error = TrialsFailedError(root, failures)
         print(f"raysoup: warning: {error}", file=sys.stderr)
         raise error
 

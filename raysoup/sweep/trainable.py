@@ -1,5 +1,10 @@
 """The Tune function trainable: a thin wrapper around ``train_run``.
 
+Tune runs it in long-lived worker processes (``reuse_actors``), one trial after another:
+``train_run`` seeds torch's generators from the run alone and every other draw has its
+own seeded generator, so a trial gives the same bits in a reused worker as in a fresh
+process (``tests/test_worker_reuse.py``); module caches hold only deterministic data.
+
 Idempotent by checkpoint: if the run's checkpoint already exists (the trial finished
 before an interruption but Tune had not recorded it), its stored metrics are reported
 again instead of retraining. The ``trials`` row is written from the checkpoint's
@@ -13,10 +18,12 @@ The checkpoint (``spec.out``) may be a URI: ``train_run`` publishes it there, an
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 
 from raysoup.io import storage
@@ -64,11 +71,13 @@ def trial_row(sweep: str, key: str, meta: CheckpointMeta, checkpoint: Path | str
     }
 
 
-def where_ran() -> dict[str, str]:
-    """``node_id`` and ``node_ip`` of the Ray node this trial runs on (extra columns)."""
+def where_ran() -> dict[str, Any]:
+    """``node_id`` and ``node_ip`` of the Ray node this trial runs on, and ``worker_pid``,
+    the worker process (Tune reuses one for many trials): extra columns."""
     return {
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
+        "worker_pid": os.getpid(),
     }
 
 
@@ -82,7 +91,11 @@ def run_trial(config: dict[str, Any]) -> None:
         def progress(metrics: dict[str, Any]) -> None:
             tune.report({**_scalars(metrics), "key": run["key"]})
 
-        train_run(spec, on_eval=progress)
+        try:
+            train_run(spec, on_eval=progress)  # reseeds every generator it draws from
+        finally:  # the worker lives on for the next trial: give back the accelerator's memory
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     meta = storage.read_meta(spec.out)
     row = trial_row(run["sweep"], run["key"], meta, spec.out)
     row.update(where_ran())  # extra columns: which Ray node ran (or re-reported) the trial

@@ -489,12 +489,17 @@ def train_run(
     best = KeepBest()
     guard = FiniteLossGuard()
     last_metrics: dict[str, Any] = {}
+    # Where the loop's time goes (host clock; trainer_throughput.py reads these).
+    clock = {"data_s": 0.0, "eval_s": 0.0}
+    loop_started = time.perf_counter()
     for step in range(steps):
         if head_only_steps and step == head_only_steps:  # never true for LP (all head-only)
             optimizer = set_phase(False)
+        fetch_started = time.perf_counter()
         xs, ys = zip(*(next(stream) for stream in streams), strict=True)
         x = torch.cat(xs).to(device, non_blocking=True)
         y = torch.cat(ys).to(device, non_blocking=True)
+        clock["data_s"] += time.perf_counter() - fetch_started
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.amp):
             loss = loss_fn(network(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -503,6 +508,7 @@ def train_run(
         guard.observe(step + 1, loss)
         if is_eval_step(step + 1, steps, freq, spec.eval_schedule):
             guard.check(float(hparams["lr"]))  # before evaluating a diverged network
+            eval_started = time.perf_counter()
             metrics = evaluate_splits(
                 network,
                 dataset,
@@ -512,6 +518,7 @@ def train_run(
                 amp=spec.amp,
                 num_workers=spec.num_workers,
             )
+            clock["eval_s"] += time.perf_counter() - eval_started
             metrics.update(step=step + 1, loss=loss.item(), wall_s=time.time() - started)
             history.append(metrics)
             last_metrics = metrics
@@ -528,7 +535,8 @@ def train_run(
     else:
         state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
         final = last_metrics
-    final = dict(final, wall_s=time.time() - started)
+    loop_s = time.perf_counter() - loop_started
+    final = dict(final, wall_s=time.time() - started, loop_s=loop_s, **clock)
     meta = CheckpointMeta(
         dataset=spec.dataset,
         envs=list(dataset_cls.ENVIRONMENTS),
