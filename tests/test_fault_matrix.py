@@ -273,7 +273,8 @@ def _running_trial_workers(driver: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray workers through /proc")
 def test_fault_worker_then_driver_killed_on_s3(reference, s3_bucket, tmp_path) -> None:
     """SIGKILL of a trial's worker mid-trial once target trials run (Tune retries the
-    trial), then SIGKILL of the driver mid target stage, on S3; the same command resumes to the reference results."""
+    trial), then SIGKILL of the driver mid target stage, on S3; the same command resumes
+    to the reference results."""
     *_, config, _ = reference
     storage = f"{s3_bucket}/runs"
     root = f"{storage}/interrupt"

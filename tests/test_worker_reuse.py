@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 from conftest import local_ray_with_cache
+from ray import tune
 from safetensors.torch import load_file
 
 from raysoup.io.checkpoint import WEIGHTS_FILE, read_meta
 from raysoup.results import load_results
 from raysoup.sweep.config import load_config
 from raysoup.sweep.plan import plan_sweep
-from raysoup.sweep.runner import run_sweep
+from raysoup.sweep.runner import fit_staging, run_sweep
+from raysoup.sweep.schedule import PlanSearcher
 
 FRESH = """
 import json, sys
@@ -78,3 +80,29 @@ def test_one_worker_runs_every_stage_and_matches_a_fresh_process(
         assert tensor.equal(fresh[name]), name
     assert read_meta(fresh_out).content_hash == read_meta(last.spec["out"]).content_hash
     assert read_meta(fresh_out).metrics["id_val_acc"] == trials.loc[last.key, "id_val_acc"]
+
+
+def test_runs_that_can_start_share_the_slots(local_ray, tmp_path: Path) -> None:
+    """Two slots, runs a and b ready at once: they run side by side (Tune stages one
+    trial of a custom searcher at a time unless told otherwise: one at a time); c, which
+    starts from a, waits for it."""
+
+    def sleeper(config: dict) -> None:  # nested: pickled by value for the workers
+        import time
+
+        started = time.time()
+        time.sleep(3)
+        tune.report({"key": config["run"]["key"], "started": started, "ended": time.time()})
+
+    searcher = PlanSearcher({key: {"key": key} for key in "abc"}, {"c": ["a"]})
+    tuner = tune.Tuner(
+        tune.with_resources(sleeper, {"cpu": 1}),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=3, reuse_actors=True),
+        run_config=tune.RunConfig(name="slots", storage_path=str(tmp_path), verbose=0),
+    )
+    grid = fit_staging(tuner, 3)
+    assert not grid.errors
+    span = {r.metrics["key"]: (r.metrics["started"], r.metrics["ended"]) for r in grid}
+    assert span["a"][0] < span["b"][1] and span["b"][0] < span["a"][1]  # side by side
+    assert span["c"][0] >= span["a"][1]  # after its dependency
+    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # left as it was

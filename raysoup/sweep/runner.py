@@ -303,6 +303,28 @@ def _trial_keys(path: str, filesystem: Any = None) -> dict[str, str]:
     return {trial.path: trial.config["run"]["key"] for trial in analysis.trials}
 
 
+MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG"
+
+
+def fit_staging(tuner: tune.Tuner, n_trials: int) -> tune.ResultGrid:
+    """``tuner.fit()``, letting Tune stage up to ``n_trials`` trials (at most 200, a grid
+    search's default) at once. With a custom searcher Tune stages one trial at a time by
+    default, which runs the trials one after another whatever the free slots;
+    ``PlanSearcher`` hands out only runs that can start, so staging them all is safe.
+    A ``TUNE_MAX_PENDING_TRIALS_PG`` set by the user is left as it is."""
+    before = os.environ.get(MAX_PENDING)
+    if before not in (None, "auto"):
+        return tuner.fit()
+    os.environ[MAX_PENDING] = str(max(1, min(n_trials, 200)))
+    try:
+        return tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop(MAX_PENDING, None)
+        else:
+            os.environ[MAX_PENDING] = before
+
+
 def _fit(
     name: str,
     runs: list[PlannedRun],
@@ -341,7 +363,7 @@ def _fit(
             verbose=1,
         ),
     )
-    grid = tuner.fit()
+    grid = fit_staging(tuner, len(runs))
     blocked = dict(searcher.queue.blocked)
     if not grid.errors:
         return {}, blocked
