@@ -73,3 +73,24 @@ def test_killed_actor_restarts_and_ends_with_identical_soups(
     )
     peak = ray.get(actor.peak_rss_mb.remote())
     assert 0 < peak < 4096
+
+
+def test_feeder_never_fails_tune_when_the_actor_is_missing(local_ray, capfd) -> None:
+    """A callback that raises breaks Tune's bookkeeping of the trial (and its worker is not
+    reused): an unreachable actor is a warning, the runner hands the trial over later."""
+    from types import SimpleNamespace
+
+    from raysoup.soup.actor import SoupFeeder
+
+    feeder = SoupFeeder("soup:no-such-sweep:0000000000")
+    result = {
+        "final": True,
+        "stage": "target",
+        "key": "target-x",
+        **{"checkpoint": "/nowhere", "id_val_acc": 0.5, "content_hash": "h", "test_acc": 0.4},
+        **{"dataset": "MiniRotatedMNIST", "test_env": 5, "trial_seed": 0, "init": "pretrained"},
+    }
+    feeder.on_trial_complete(0, [], SimpleNamespace(last_result=result))
+    err = capfd.readouterr().err
+    assert "soup actor 'soup:no-such-sweep:0000000000' not reached for trial target-x" in err
+    assert feeder.sent == 0

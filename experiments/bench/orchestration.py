@@ -126,7 +126,7 @@ def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dic
     """The timed target stage, exactly as ``run_sweep`` runs it (with or without soups)."""
     import ray
 
-    from raysoup.soup.actor import SoupFeeder
+    from raysoup.soup.actor import SoupFeeder, actor_name
     from raysoup.sweep.runner import hand_over, run_stage, start_soup
 
     started = time.perf_counter()
@@ -134,7 +134,9 @@ def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dic
         run_stage("target", runs, root, config)
         return {"wall_s": time.perf_counter() - started}
     soup = start_soup(root, config, runs)
-    run_stage("target", runs, root, config, callbacks=[SoupFeeder(config.name)])
+    # the actor's name as run_sweep gives it (a wrong one: every offer fails in the driver)
+    feeder = SoupFeeder(actor_name(config.name, root))
+    run_stage("target", runs, root, config, callbacks=[feeder])
     stage_done = time.perf_counter()
     hand_over(soup, runs)
     written = ray.get(soup.finalize.remote())

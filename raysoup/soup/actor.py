@@ -124,7 +124,19 @@ class SoupFeeder(tune.Callback):
         offer = offer_from_result(trial.last_result or {})
         if offer is None:
             return
-        if self._actor is None:
-            self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
-        self._actor.offer.remote([offer])  # fire-and-forget: the driver never blocks
+        try:
+            if self._actor is None:
+                self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
+            self._actor.offer.remote([offer])  # fire-and-forget: the driver never blocks
+        except (ValueError, ray.exceptions.RayError) as error:
+            # Never fail Tune's bookkeeping of the trial (it would not even reuse the
+            # trial's worker): the runner hands every finished trial over at the end.
+            self._actor = None
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(
+                f"raysoup: warning: soup actor {self.name!r} not reached for trial "
+                f"{offer['trial_id']} ({first}); it gets the trial when the runs end",
+                file=sys.stderr,
+            )
+            return
         self.sent += 1
