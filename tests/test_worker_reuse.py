@@ -22,6 +22,8 @@ from raysoup.sweep.plan import plan_sweep
 from raysoup.sweep.runner import fit_staging, run_sweep
 from raysoup.sweep.schedule import PlanSearcher
 
+pytestmark = pytest.mark.slow
+
 FRESH = """
 import json, sys
 from raysoup.options import from_mapping
