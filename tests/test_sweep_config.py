@@ -72,6 +72,7 @@ def test_fingerprint_changes_with_what_is_computed(tmp_path) -> None:
     a = load_config(None)
     assert a.fingerprint() == load_config(None).fingerprint()
     assert a.fingerprint() == load_config(None, max_concurrent_trials=2).fingerprint()
+    assert a.fingerprint() == load_config(None, reuse_workers=False).fingerprint()
     assert a.fingerprint() != load_config(None, n_hparams=4).fingerprint()
     for switch in ({"target_keep": "last"}, {"aux_lp": False}, {"lp_per_trial_seed": True}):
         assert a.fingerprint() != load_config(None, **switch).fingerprint(), switch

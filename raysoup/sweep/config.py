@@ -37,6 +37,15 @@ ADDED_LATER: dict[str, Any] = {
 }
 # Options whose default changed since the first sweeps were recorded: the earlier default.
 EARLIER_DEFAULTS: dict[str, Any] = {"aux_n_hparams": 1}
+# Options that say how a sweep runs, not what it computes: a resume may change them.
+RUN_KNOBS = (
+    "max_concurrent_trials",
+    "max_failures",
+    "reuse_workers",
+    "soup_cpus",
+    "soup_gpus",
+    "soup_max_models",
+)
 # Version of sweep.json (a record without "version" predates the options above).
 RECORD_VERSION = 2
 
@@ -260,15 +269,7 @@ class SweepConfig:
     def fingerprint(self) -> str:
         """Identity of what the sweep computes: two configs with the same one are the same."""
         values = self.to_dict()
-        how = (
-            "max_concurrent_trials",
-            "max_failures",
-            "reuse_workers",
-            "soup_cpus",
-            "soup_gpus",
-            "soup_max_models",
-        )
-        for knob in how:  # how it runs, not what it computes
+        for knob in RUN_KNOBS:  # how it runs, not what it computes
             values.pop(knob)
         # Options added later drop out at the value that computes what sweeps recorded
         # before them computed, so those sweeps still resume (see adopt_record).

@@ -52,6 +52,7 @@ from raysoup.soup.maker import METHODS, SoupMaker, describe
 from raysoup.sweep.config import (
     ADDED_LATER,
     RECORD_VERSION,
+    RUN_KNOBS,
     SweepConfig,
     adopt_record,
     config_from_record,
@@ -135,7 +136,9 @@ def record_config(root: Location, config: SweepConfig) -> SweepConfig:
                 )
         if stored.get("fingerprint") != config.fingerprint():
             old, new = {**ADDED_LATER, **stored.get("config", {})}, config.to_dict()
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            changed = sorted(
+                k for k in set(old) | set(new) if k not in RUN_KNOBS and old.get(k) != new.get(k)
+            )
             raise OptionsError(
                 f"{root} already holds sweep {config.name!r} with a different config "
                 f"(changed: {changed}); use another --name, or the original config to resume"
