@@ -3,7 +3,7 @@
 The target stage of a real sweep (``SweepConfig`` with one init and ``--trials`` hparams
 seeds of the built-in MiniRotatedMNIST, ``--steps`` training steps per trial, so about a
 second of real work each) runs twice on one local Ray instance, through raysoup's own
-code path (``run_stage`` with the ``run_trial`` trainable: training, checkpoint, Parquet
+code path (``run_runs`` with the ``run_trial`` trainable: training, checkpoint, Parquet
 row, Tune checkpoint):
 
 - ``without``: the target stage alone;
@@ -127,16 +127,16 @@ def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dic
     import ray
 
     from raysoup.soup.actor import SoupFeeder, actor_name
-    from raysoup.sweep.runner import hand_over, run_stage, start_soup
+    from raysoup.sweep.runner import hand_over, run_runs, start_soup
 
     started = time.perf_counter()
     if not with_soup:
-        run_stage("target", runs, root, config)
+        run_runs("target", runs, root, config)
         return {"wall_s": time.perf_counter() - started}
     soup = start_soup(root, config, runs)
     # the actor's name as run_sweep gives it (a wrong one: every offer fails in the driver)
     feeder = SoupFeeder(actor_name(config.name, root))
-    run_stage("target", runs, root, config, callbacks=[feeder])
+    run_runs("target", runs, root, config, callbacks=[feeder])
     stage_done = time.perf_counter()
     hand_over(soup, runs)
     written = ray.get(soup.finalize.remote())

@@ -380,6 +380,19 @@ def _fit(
     return errors, blocked
 
 
+def _record_not_attempted(
+    root: Location,
+    config: SweepConfig,
+    run: PlannedRun,
+    causes: list[str],
+    failed: Mapping[str, Failure],
+) -> Failure:
+    """The failure of a run never started because the runs ``causes`` it needs failed."""
+    cause = failed[causes[0]]
+    error = f"not attempted: depends on failed run(s) {causes} ({cause.error})"
+    return record_failure(root, config, run, error, error_file=cause.error_file)
+
+
 def run_runs(
     name: str,
     runs: list[PlannedRun],
@@ -397,12 +410,13 @@ def run_runs(
     missing = runs_to_do(runs)
     restore_trial_rows(runs, root, config)
     failed = dict(failed or {})
-    blocked = blocked_runs(missing, {**plan, "_": runs}, failed)
-    failures = []
-    for run in (run for run in missing if run.key in blocked):
-        cause = failed[blocked[run.key][0]]
-        error = f"not attempted: depends on failed run(s) {blocked[run.key]} ({cause.error})"
-        failures.append(record_failure(root, config, run, error, error_file=cause.error_file))
+    every = {**plan, "_": runs}  # the runs' dependencies may lie in other stages of the plan
+    blocked = blocked_runs(missing, every, failed)
+    failures = [
+        _record_not_attempted(root, config, run, blocked[run.key], failed)
+        for run in missing
+        if run.key in blocked
+    ]
     todo = [run for run in missing if run.key not in blocked]
     for stage in dict.fromkeys(run.stage for run in runs):
         n_runs = sum(run.stage == stage for run in runs)
@@ -419,7 +433,6 @@ def run_runs(
     if not todo:
         return failures
     todo_keys = {run.key for run in todo}
-    every = {**plan, "_": runs}
     waits_for = {
         run.key: [key for key in dependencies(run, every) if key in todo_keys] for run in todo
     }
@@ -431,10 +444,11 @@ def run_runs(
         failure = record_failure(root, config, run, error_summary(error), error_text(error))
         failed[run.key] = failure
         failures.append(failure)
-    for run in (run for run in missing if run.key in not_started):
-        cause = failed[not_started[run.key]]
-        error = f"not attempted: depends on failed run(s) {[cause.key]} ({cause.error})"
-        failures.append(record_failure(root, config, run, error, error_file=cause.error_file))
+    failures += [
+        _record_not_attempted(root, config, run, [not_started[run.key]], failed)
+        for run in missing
+        if run.key in not_started
+    ]
     unfinished = [
         run.key for run in missing if run.key not in errors and run.key not in not_started
     ]
@@ -444,21 +458,6 @@ def run_runs(
             f"Run the same command again to resume."
         )
     return failures
-
-
-def run_stage(
-    stage: str,
-    runs: list[PlannedRun],
-    root: Location,
-    config: SweepConfig,
-    callbacks: list[tune.Callback] | None = None,
-    *,
-    plan: Mapping[str, list[PlannedRun]] | None = None,
-    failed: Mapping[str, Failure] | None = None,
-) -> list[Failure]:
-    """``run_runs`` for one stage's runs, as the Tune experiment ``<stage>`` (the runs
-    they start from must be done, or in ``failed``)."""
-    return run_runs(stage, runs, root, config, callbacks, plan=plan, failed=failed)
 
 
 def run_sweep(config: SweepConfig, storage: Location) -> Location:
