@@ -139,13 +139,29 @@ def s3_endpoint() -> Iterator[str]:
             server.stop()
 
 
+def shared_sweep_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One raysoup cache for every sweep of the session: the first sweep trains the base
+    network in a one-thread trial and caches it, the others copy it (a sweep's base run
+    adopts a cached base trained the same way: the same bits)."""
+    cache = tmp_path_factory.getbasetemp() / "sweep-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def sweep_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``shared_sweep_cache`` as a fixture."""
+    return shared_sweep_cache(tmp_path_factory)
+
+
 def local_ray_with_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A local 2-CPU Ray with its own raysoup cache, for a module fixture to ``yield from``
-    (started after any environment, e.g. an S3 endpoint's, that its workers must inherit)."""
+    """A local 2-CPU Ray using the session's sweep cache, for a module fixture to ``yield
+    from`` (started after any environment, e.g. an S3 endpoint's, that its workers must
+    inherit)."""
     import ray
 
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAYSOUP_CACHE", str(tmp_path_factory.mktemp("raysoup-cache")))
+        env.setenv("RAYSOUP_CACHE", str(shared_sweep_cache(tmp_path_factory)))
         ray.init(
             address="local",
             num_cpus=2,

@@ -19,6 +19,7 @@ SCRIPTS = (
     "orchestration",
     "method_table",
     "trainer_throughput",
+    "sweep_overhead",
 )
 
 
@@ -127,6 +128,9 @@ def test_orchestration_overhead_row() -> None:
     row = bench.overhead_row("with", 10, 2, {"wall_s": 10.0}, 1.0, 12.0)
     assert row["ideal_s"] == 5.0 and row["overhead_x"] == 2.0
     assert row["overhead_per_trial_s"] == 1.0 and row["overhead_in_trials_x"] == 10.0 / 6.0
+    assert row["overhead_with_soup_work_x"] == 2.0  # no soup work measured
+    row = bench.overhead_row("with", 10, 2, {"wall_s": 10.0, "soup_cpu_s": 2.0}, 1.0, 12.0)
+    assert row["overhead_with_soup_work_x"] == 10.0 / (5.0 + 1.0)
     config = bench.sweep_config("orch", 7, 2, torch.device("cpu"))
     assert config.n_hparams == 7 and config.inits == ["pretrained"]
 
@@ -180,3 +184,26 @@ def test_method_table_reads_an_existing_run(tmp_path) -> None:
     assert table.loc[("erm", "5"), "test_acc_se"] == pytest.approx(5.0 / 2**0.5)
     assert table.loc[("erm", "Avg"), "n_seeds"] == 2
     assert table.loc[("greedy", "5"), "n_seeds"] == 1
+
+
+@pytest.mark.slow
+def test_sweep_overhead_times_a_real_sweep_and_its_runs_alone(
+    tmp_path, sweep_cache, monkeypatch, capsys
+) -> None:
+    """A tiny sweep (an LP and two target runs from the shipped foundation: no base run to
+    train): one row, every run timed alone."""
+    monkeypatch.setenv("RAYSOUP_CACHE", str(sweep_cache))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "name: tiny\ndataset: NuisanceMNIST\ntest_envs: [2]\nn_hparams: 2\n"
+        "inits: [pretrained]\naux_datasets: []\nsteps: 10\ncheckpoint_freq: 10\n"
+        "lp_stage_steps: 10\n"
+    )
+    out = tmp_path / "rows.parquet"
+    bench = _load("sweep_overhead")
+    assert bench.main([str(config), "--slots", "2", "--out", str(out)]) == 0
+    assert "wall_over_plan_order_x" in capsys.readouterr().out
+    (row,) = pd.read_parquet(out).to_dict("records")
+    assert row["runs"] == 3 and row["sweep"] == "tiny"
+    assert 0 < row["lower_bound_s"] <= row["plan_order_s"] <= row["work_s"]
+    assert row["wall_s"] > 0

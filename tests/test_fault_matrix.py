@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -41,8 +42,16 @@ def _command(config: Path, storage: Path | str) -> list[str]:
     return [sys.executable, "-m", "raysoup.cli", "run", str(config), "--storage", str(storage)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_cache(sweep_cache: Path) -> Iterator[None]:
+    """Every driver of this module uses the session's sweep cache (one base network)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAYSOUP_CACHE", str(sweep_cache))
+        yield
+
+
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "RAYSOUP_CACHE": str(tmp_path / "cache")}
+    return dict(os.environ)
 
 
 def _run(config: Path, storage: Path | str, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import shared_sweep_cache
 
 from raysoup.results import load_results
 
@@ -155,7 +156,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster
         "RAY_AUTH_TOKEN": secrets.token_hex(32),  # what `ray get-auth-token --generate` makes
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAYSOUP_OFFLINE": "1",  # never try to download ImageNet weights
-        "RAYSOUP_CACHE": str(tmp_path_factory.mktemp("raysoup-cache")),
+        "RAYSOUP_CACHE": str(shared_sweep_cache(tmp_path_factory)),
     }
     (gcs, dashboard, client, *ports) = free_ports(15)
     per_node = [

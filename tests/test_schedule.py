@@ -98,3 +98,23 @@ def test_the_quickstart_plan_needs_no_barrier(tmp_path: Path) -> None:
     assert aux <= set(started) and aux.isdisjoint(queue.done)  # all still running
     other = {run.key for run in plan["target"]} - pretrained
     assert other.isdisjoint(started)  # ratatouille and fusing wait for the aux runs
+
+
+def test_ideal_schedules_respect_dependencies_and_slots() -> None:
+    from raysoup.sweep.schedule import critical_path, ideal_lower_bound, plan_order_makespan
+
+    # base (4 s) -> lp (1 s) -> three targets (2 s each); an aux run (3 s) needs the base
+    work = {"base": 4.0, "lp": 1.0, "aux": 3.0, "t1": 2.0, "t2": 2.0, "t3": 2.0}
+    waits = {"lp": ["base"], "aux": ["base"], "t1": ["lp"], "t2": ["lp"], "t3": ["lp", "aux"]}
+    order = ["base", "lp", "aux", "t1", "t2", "t3"]
+    assert critical_path(work, waits) == 4 + 3 + 2
+    assert ideal_lower_bound(work, waits, slots=2) == 9.0  # the chain, not 14 / 2
+    assert ideal_lower_bound(work, waits, slots=1) == 14.0
+    # two slots: base 0-4; lp 4-5 | aux 4-7; t1 5-7; t2 7-9 | t3 7-9
+    assert plan_order_makespan(order, work, waits, slots=2) == 9.0
+    assert plan_order_makespan(order, work, waits, slots=1) == 14.0
+    assert plan_order_makespan(order, work, waits, slots=8) == critical_path(work, waits)
+    with pytest.raises(ValueError, match="cycle"):
+        critical_path({"a": 1.0, "b": 1.0}, {"a": ["b"], "b": ["a"]})
+    with pytest.raises(ValueError, match="slots=0"):
+        plan_order_makespan(order, work, waits, slots=0)

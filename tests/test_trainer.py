@@ -338,3 +338,30 @@ def test_arch_resolution_follows_the_resnet18_hparam(tmp_path: Path) -> None:
     assert resolve_arch(spec, PACS, {"resnet18": True}) == "resnet18"
     spec.arch = "cnn"
     assert resolve_arch(spec, PACS, {"resnet18": True}) == "cnn"
+
+
+def test_a_sweep_base_run_copies_the_base_cached_with_the_same_bits(
+    base_checkpoint: Path, raysoup_cache: Path, tmp_path: Path
+) -> None:
+    """The cache entry is keyed by recipe, device and (CPU) thread count: a base run
+    trained with another count would give other bits, so it is not copied."""
+    from raysoup.training.trainer import adopt_cached_base, base_spec, cache_base
+
+    spec = base_spec(tmp_path / "base", "cpu")
+    spec.cache_dir = raysoup_cache
+    assert adopt_cached_base(spec) == base_checkpoint
+    assert read_meta(spec.out).content_hash == read_meta(base_checkpoint).content_hash
+    other_recipe = base_spec(tmp_path / "short", "cpu")
+    other_recipe.cache_dir, other_recipe.steps = raysoup_cache, 10
+    assert adopt_cached_base(other_recipe) is None and not other_recipe.out.exists()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert adopt_cached_base(spec) is None  # another thread count: not the same bits
+        spec.cache_dir = tmp_path / "cache"
+        cache_base(spec)  # what a sweep does after training its base here
+        spec.out = tmp_path / "again"
+        assert adopt_cached_base(spec) is not None
+        assert read_meta(spec.out).content_hash == read_meta(base_checkpoint).content_hash
+    finally:
+        torch.set_num_threads(threads)

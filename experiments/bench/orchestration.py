@@ -14,11 +14,13 @@ row, Tune checkpoint):
   trial instead of a few long-lived ones.
 
 Reported: the wall time of each, the ideal ``total work / slots`` (work = the same trial
-run standalone in this process, ``--calibrate`` of them, median), the overhead ratio
-``wall / ideal``, the same against the work the trials measured themselves (their
-``wall_s``, slowed by whatever shared the CPUs), and for ``with`` the soup tail: from the
-end of the stage to the final soups. The base network comes from the raysoup cache and
-the LP head is trained once here: neither is timed.
+run standalone in this process, ``--calibrate`` of them after one untimed, before and
+again after the sweeps, median of both), the overhead ratio ``wall / ideal``, the same
+against the work the trials measured themselves (their ``wall_s``, slowed by whatever
+shared the CPUs), and for ``with`` the soup actor's CPU seconds (its own work, which
+shares the slots: ``overhead_with_soup_work_x`` adds it to the ideal) and the soup tail:
+from the end of the stage to the final soups. The base network comes from the raysoup
+cache and the LP head is trained once here: neither is timed.
 
     python experiments/bench/orchestration.py
     python experiments/bench/orchestration.py --trials 100 --modes without with
@@ -104,7 +106,8 @@ def prepare(root: Path, config: Any, lp_from: Path | None = None) -> list[Any]:
 
 def calibrate(runs: list[Any], scratch: Path, count: int) -> list[float]:
     """Seconds of ``count`` of the trials run standalone here (one torch thread, like a
-    Ray worker with one CPU): the work of a trial without any orchestration."""
+    Ray worker with one CPU): the work of a trial without any orchestration. One more
+    trial runs first, untimed: a reused worker has its caches warm too."""
     from raysoup.options import from_mapping
     from raysoup.training.trainer import RunSpec, train_run
 
@@ -112,11 +115,12 @@ def calibrate(runs: list[Any], scratch: Path, count: int) -> list[float]:
     torch.set_num_threads(1)
     seconds = []
     try:
-        for run in runs[:count]:
+        for i, run in enumerate(runs[: count + 1]):
             spec = from_mapping(RunSpec, _plain({**run.spec, "out": scratch / run.key}), run.key)
             started = time.perf_counter()
             train_run(spec)
-            seconds.append(time.perf_counter() - started)
+            if i > 0:
+                seconds.append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
     return seconds
@@ -142,10 +146,12 @@ def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dic
     written = ray.get(soup.finalize.remote())
     ended = time.perf_counter()
     summary = ray.get(soup.summary.remote())
+    soup_cpu_s = ray.get(soup.cpu_s.remote())
     ray.kill(soup, no_restart=True)
     return {
         "wall_s": ended - started,
         "soup_tail_s": ended - stage_done,
+        "soup_cpu_s": soup_cpu_s,
         "soups_written": len(written),
         "greedy_size": len(summary[0]["greedy"]) if summary else 0,
     }
@@ -164,6 +170,8 @@ def overhead_row(
     """Wall time against the ideal ``total work / slots``."""
     ideal = standalone * trials / slots
     wall = measured["wall_s"]
+    # the soup actor's own work (its process's CPU seconds, start-up included) shares the slots
+    with_soup = ideal + measured.get("soup_cpu_s", 0.0) / slots
     return {
         "mode": mode,
         "trials": trials,
@@ -172,6 +180,7 @@ def overhead_row(
         "ideal_s": ideal,
         **measured,
         "overhead_x": wall / ideal,
+        "overhead_with_soup_work_x": wall / with_soup,
         "overhead_per_trial_s": (wall - ideal) * slots / trials,
         "work_in_trials_s": work,
         "overhead_in_trials_x": wall / (work / slots),
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="training steps per trial")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
-    parser.add_argument("--calibrate", type=int, default=3, help="standalone trials timed")
+    parser.add_argument("--calibrate", type=int, default=5, help="standalone trials timed")
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the sweeps")
     add_common_arguments(parser, "orchestration")
     args = parser.parse_args(argv)
@@ -218,23 +227,31 @@ def main(argv: list[str] | None = None) -> int:
             prepared[mode] = (root, config, prepare(root, config, lp_from))
             lp_from = Path(prepared[mode][2][0].spec["lp_head"])
         first_runs = next(iter(prepared.values()))[2]
-        seconds = calibrate(first_runs, workdir / "calibration", args.calibrate)
-        standalone = median(seconds)
+        before = calibrate(first_runs, workdir / "calibration-before", args.calibrate)
         imports = fresh_import_s()
-        print(
-            f"one trial standalone: {standalone:.2f} s (median of {len(seconds)}); "
-            f"importing the trainable in a fresh process: {imports:.1f} s"
-        )
         import ray
 
         start_local_ray(Path(tmp) / "ray", args.cpus, 1 if device.type == "cuda" else 0)
         try:
-            for mode, (root, config, runs) in prepared.items():
-                measured = run_target(root, config, runs, with_soup=mode == "with")
-                row = overhead_row(mode, args.trials, slots, measured, standalone, trial_work(runs))
-                rows.append(row)
+            measured = {
+                mode: run_target(root, config, runs, with_soup=mode == "with")
+                for mode, (root, config, runs) in prepared.items()
+            }
         finally:
             ray.shutdown()
+        # Timed before and after the sweeps: a shared machine's speed drifts in between.
+        after = calibrate(first_runs, workdir / "calibration-after", args.calibrate)
+        standalone = median(before + after)
+        print(
+            f"one trial standalone: {standalone:.2f} s (median of {len(before + after)}; "
+            f"{median(before):.2f} s before the sweeps, {median(after):.2f} s after); "
+            f"importing the trainable in a fresh process: {imports:.1f} s"
+        )
+        for mode, (_, _, runs) in prepared.items():
+            row = overhead_row(
+                mode, args.trials, slots, measured[mode], standalone, trial_work(runs)
+            )
+            rows.append({**row, "work_before_s": median(before), "work_after_s": median(after)})
     info = machine(device)
     rows = [
         {"script": "orchestration", "steps": args.steps, **row, "fresh_import_s": imports, **info}
@@ -250,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         ("overhead_x", ".2f"),
         ("overhead_per_trial_s", ".2f"),
         ("overhead_in_trials_x", ".2f"),
+        ("soup_cpu_s", ".1f"),
+        ("overhead_with_soup_work_x", ".2f"),
         ("soup_tail_s", ".2f"),
         ("greedy_size", "d"),
     ]

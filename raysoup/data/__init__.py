@@ -1,4 +1,9 @@
-"""Data: multi-domain datasets (built-in and DomainBed), shifts, splits and loaders."""
+"""Data: multi-domain datasets (built-in and DomainBed), shifts, splits and loaders.
+
+torchvision is imported where images are made or decoded, not with these modules: it
+imports torch._dynamo (seconds), and a sweep's driver or a fresh trial worker that only
+plans runs or reads a dataset's class attributes never needs it.
+"""
 
 from raysoup.data.base import DatasetError, MultiDomainDataset, TensorEnv
 from raysoup.data.registry import DATASETS, dataset_class, load_dataset

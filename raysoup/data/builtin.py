@@ -31,7 +31,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.transforms import functional as TF
 
 from raysoup.data import shifts
 from raysoup.data.base import MultiDomainDataset, TensorEnv
@@ -45,6 +44,8 @@ N_TARGET_IMAGES = 3000
 
 def _to_rgb_uint8(images: torch.Tensor, scale: float) -> torch.Tensor:
     """``(N, H, W)`` grey levels in ``0..scale`` -> ``uint8 (N, 3, 16, 16)``."""
+    from torchvision.transforms import functional as TF  # lazy: see data/__init__
+
     x = (images.float() / scale).unsqueeze(1)
     x = TF.resize(x, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -7,19 +7,20 @@ works as it is. Images are decoded by torchvision's ``ImageFolder``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
-
-from torchvision import transforms
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from typing import TYPE_CHECKING, ClassVar
 
 from raysoup.data.base import DatasetError, MultiDomainDataset
+
+if TYPE_CHECKING:
+    from torchvision import transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def eval_transform(size: int = 224) -> transforms.Compose:
+    from torchvision import transforms  # lazy: see data/__init__
+
     return transforms.Compose(
         [
             transforms.Resize((size, size)),
@@ -31,6 +32,8 @@ def eval_transform(size: int = 224) -> transforms.Compose:
 
 def augment_transform(size: int = 224) -> transforms.Compose:
     """DomainBed's training augmentation."""
+    from torchvision import transforms  # lazy: see data/__init__
+
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(size, scale=(0.7, 1.0)),
@@ -81,6 +84,9 @@ class ImageFolderDataset(MultiDomainDataset):
                     f"{self.NAME}: classes of {env_root} differ from {root / self.ENV_FOLDERS[0]}: "
                     f"missing {missing}, unexpected {extra}"
                 )
+            from torchvision.datasets import ImageFolder  # lazy: see data/__init__
+            from torchvision.datasets.folder import IMG_EXTENSIONS
+
             try:
                 env = ImageFolder(str(env_root), allow_empty=True)
             except (FileNotFoundError, OSError) as error:

@@ -8,8 +8,6 @@ Images are ``uint8`` tensors of shape ``(N, 3, H, W)`` on the 0..255 scale, labe
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 ROTATION_PER_STEP = 30.0
 RECOLOUR_PER_STEP = 30
@@ -24,6 +22,9 @@ def _check_images(images: torch.Tensor) -> None:
 
 def rotate(images: torch.Tensor, degrees: float | torch.Tensor) -> torch.Tensor:
     """Rotate counter-clockwise by ``degrees`` (one angle or one per image), black fill."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF  # lazy: see data/__init__
+
     _check_images(images)
     angles = torch.as_tensor(degrees, dtype=torch.float64).expand(images.shape[0])
     out = torch.empty_like(images)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torchvision
 from torch import nn
 
 from raysoup.io.checkpoint import import_state_dict
+
+if TYPE_CHECKING:
+    import torchvision
 
 ARCHS = ("cnn", "glyphcnn", "resnet18", "resnet50")
 SMALL_ARCHS = ("cnn", "glyphcnn")  # pretrained on built-in data, not ImageNet
@@ -86,6 +88,8 @@ class GlyphCNN(nn.Module):
 
 
 def _imagenet_weights(depth: int) -> torchvision.models.WeightsEnum:
+    import torchvision  # lazy: importing it costs seconds (it imports torch._dynamo)
+
     # IMAGENET1K_V1 is what DomainBed's `resnet50(pretrained=True)` loads.
     if depth == 18:
         return torchvision.models.ResNet18_Weights.IMAGENET1K_V1
@@ -136,6 +140,8 @@ class ResNetFeaturizer(nn.Module):
         super().__init__()
         if depth not in (18, 50):
             raise ValueError(f"ResNet depth must be 18 or 50, got {depth}")
+        import torchvision  # lazy: importing it costs seconds (it imports torch._dynamo)
+
         builder = torchvision.models.resnet18 if depth == 18 else torchvision.models.resnet50
         self.network = builder(weights=None)
         if pretrained:

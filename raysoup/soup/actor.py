@@ -66,6 +66,11 @@ class SoupActor:
         """The actor's process id (a restart gives a new one)."""
         return os.getpid()
 
+    def cpu_s(self) -> float:
+        """CPU seconds this actor's process has used (its soup work, for benchmarks)."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
     def peak_rss_mb(self) -> float:
         """Peak resident memory of this actor's process (Linux: ``ru_maxrss`` in KiB)."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,7 +11,8 @@ auxiliary runs of its init) are done (``raysoup.sweep.schedule``). Trials run in
 long-lived worker processes that Tune reuses from trial to trial.
 
 Resume: the runs with an intact checkpoint are done and never trained again; a new
-experiment runs the rest (a damaged checkpoint is retrained, said on stderr).
+experiment runs the rest (a damaged checkpoint is retrained, said on stderr). A sweep with
+nothing left to train starts no Ray: its soups are finished in the driver.
 
 Failures: a run that still fails after ``max_failures`` retries gets a ``trials`` row with
 ``status = "failed"``, the first line of its error and ``error_file``, the full text under
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 from ray.actor import ActorHandle
 
@@ -481,27 +483,61 @@ def _run_sweep_held(config: SweepConfig, root: Location) -> None:
     plan = plan_sweep(config, root)
     for damaged in ResultsStore(str(io_storage.join(root, RESULTS))).set_aside_damaged():
         print(f"raysoup: warning: set aside damaged {damaged}; rewriting it", file=sys.stderr)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     targets = plan.get("target", [])
-    callbacks: list[tune.Callback] = []
-    if targets:  # listening before any trial starts: a target may finish early
-        soup = start_soup(root, config, targets)
-        callbacks = [SoupFeeder(actor_name(config.name, root))]
     every = [run for runs in plan.values() for run in runs]
-    failures = run_runs(SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan)
+    if not runs_to_do(every, quiet=True):  # nothing to train: no Ray, soups made here
+        failures = run_runs(SWEEP_EXPERIMENT, every, root, config, plan=plan)
+        written, summary = soup_here(root, config, targets) if targets else ([], [])
+    else:
+        failures, written, summary = _run_with_ray(root, config, plan, every, targets)
+    for row in written:
+        print(f"raysoup: soup {describe(row)}", file=sys.stderr)
     if targets:
-        hand_over(soup, targets)  # idempotent: whatever the actor already has is skipped
-        # Groups with failed trials never complete: finalize them with the trials there are.
-        for row in ray.get(soup.finalize.remote()):
-            print(f"raysoup: soup {describe(row)}", file=sys.stderr)
-        summary = ray.get(soup.summary.remote())
         for line in incomplete_groups(planned_groups(targets), summary):
             print(f"raysoup: warning: {line}", file=sys.stderr)
     if failures:
         error = TrialsFailedError(root, failures)
         print(f"raysoup: warning: {error}", file=sys.stderr)
         raise error
+
+
+def _run_with_ray(
+    root: Location,
+    config: SweepConfig,
+    plan: Mapping[str, list[PlannedRun]],
+    every: list[PlannedRun],
+    targets: list[PlannedRun],
+) -> tuple[list[Failure], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs on Ray Tune, souped by the soup actor as they finish: ``(failures, soup
+    rows written at the end, soup summary)``. A Ray started here is shut down here (at
+    once: left to the interpreter's exit, it takes seconds longer)."""
+    if ray.is_initialized():
+        return _run_on_ray(root, config, plan, every, targets)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    try:
+        return _run_on_ray(root, config, plan, every, targets)
+    finally:
+        ray.shutdown()
+
+
+def _run_on_ray(
+    root: Location,
+    config: SweepConfig,
+    plan: Mapping[str, list[PlannedRun]],
+    every: list[PlannedRun],
+    targets: list[PlannedRun],
+) -> tuple[list[Failure], list[dict[str, Any]], list[dict[str, Any]]]:
+    callbacks: list[tune.Callback] = []
+    if targets:  # listening before any trial starts: a target may finish early
+        soup = start_soup(root, config, targets)
+        callbacks = [SoupFeeder(actor_name(config.name, root))]
+    failures = run_runs(SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan)
+    if not targets:
+        return failures, [], []
+    hand_over(soup, targets)  # idempotent: whatever the actor already has is skipped
+    # Groups with failed trials never complete: finalize them with the trials there are.
+    written = ray.get(soup.finalize.remote())
+    return failures, written, ray.get(soup.summary.remote())
 
 
 def run_sweep_status(config: SweepConfig, storage: Location) -> tuple[Location, int]:
@@ -555,6 +591,29 @@ def start_soup(root: Location, config: SweepConfig, runs: list[PlannedRun]) -> A
     )
     hand_over(soup, runs)
     return soup
+
+
+def soup_here(
+    root: Location, config: SweepConfig, runs: list[PlannedRun]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """What the soup actor does with the finished target ``runs``, in this process (a
+    sweep with nothing left to train needs no Ray): it restores the actor's saved state,
+    so a trial already souped is skipped. Returns the soup rows written now and the
+    summary. On the device the actor would use: the CPU unless ``soup_gpus``."""
+    device = "cuda" if config.soup_gpus > 0 and torch.cuda.is_available() else "cpu"
+    maker = SoupMaker(
+        root,
+        config.name,
+        expected=planned_groups(runs),
+        accept=config.soup_accept,
+        data_dir=config.data_dir,
+        holdout_fraction=config.holdout_fraction,
+        device=device,
+        max_models=config.soup_max_models,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    maker.offer(finished_offers(runs))
+    return maker.finalize_all(), maker.summary()
 
 
 def hand_over(soup: ActorHandle, runs: list[PlannedRun]) -> None:

@@ -109,3 +109,56 @@ class PlanSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         raise NotImplementedError("raysoup plans a resumed sweep from its checkpoints")
+
+
+# ---------------------------------------------------------------- ideal schedules
+# What a sweep would take with no orchestration cost at all (benchmarks compare with it).
+
+
+def critical_path(work: Mapping[str, float], waits_for: Mapping[str, Sequence[str]]) -> float:
+    """Seconds of the longest chain of runs each starting from the one before."""
+    finish: dict[str, float] = {}
+
+    def finish_of(key: str, seen: frozenset[str] = frozenset()) -> float:
+        if key in seen:
+            raise ValueError(f"runs wait for each other in a cycle through {key!r}")
+        if key not in finish:
+            before = [finish_of(dep, seen | {key}) for dep in waits_for.get(key, ())]
+            finish[key] = work[key] + max(before, default=0.0)
+        return finish[key]
+
+    return max((finish_of(key) for key in work), default=0.0)
+
+
+def ideal_lower_bound(
+    work: Mapping[str, float], waits_for: Mapping[str, Sequence[str]], slots: int
+) -> float:
+    """No schedule of these runs on ``slots`` slots ends sooner: the larger of the total
+    work spread evenly over the slots and the critical path."""
+    if slots < 1:
+        raise ValueError(f"slots={slots}: expected >= 1")
+    return max(sum(work.values()) / slots, critical_path(work, waits_for))
+
+
+def plan_order_makespan(
+    order: Sequence[str],
+    work: Mapping[str, float],
+    waits_for: Mapping[str, Sequence[str]],
+    slots: int,
+) -> float:
+    """When the last run ends if each free slot at once takes the next ready run of
+    ``RunQueue`` (plan order) and runs cost exactly ``work``: raysoup's own scheduling
+    without any overhead."""
+    if slots < 1:
+        raise ValueError(f"slots={slots}: expected >= 1")
+    queue = RunQueue(order, waits_for)
+    now, running = 0.0, []  # (end time, key)
+    while not queue.exhausted or running:
+        while len(running) < slots and (key := queue.next_ready()) is not None:
+            running.append((now + work[key], key))
+        if not running:
+            raise ValueError(f"runs can never start: {sorted(set(order) - queue.done)[:5]}")
+        running.sort()
+        now, key = running.pop(0)
+        queue.finish(key, ok=True)
+    return now

@@ -5,6 +5,9 @@ Tune runs it in long-lived worker processes (``reuse_actors``), one trial after 
 own seeded generator, so a trial gives the same bits in a reused worker as in a fresh
 process (``tests/test_worker_reuse.py``); module caches hold only deterministic data.
 
+A base run copies the base network from this node's cache when it was trained the same
+way there (``adopt_cached_base``), and leaves a copy there once it trained it.
+
 Idempotent by checkpoint: if the run's checkpoint already exists (the trial finished
 before an interruption but Tune had not recorded it), its stored metrics are reported
 again instead of retraining. The ``trials`` row is written from the checkpoint's
@@ -19,19 +22,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 from ray import tune
 
-from raysoup.io import storage
-from raysoup.io.checkpoint import CheckpointMeta
-from raysoup.options import from_mapping
-from raysoup.results import ResultsStore
-from raysoup.soup.actor import GROUP_FIELDS, OFFER_FIELDS
-from raysoup.training.trainer import RunSpec, train_run
+if TYPE_CHECKING:
+    from raysoup.io.checkpoint import CheckpointMeta
 
 SCALARS = (int, float, str, bool)
 HPARAM_COLUMNS = ("lr", "weight_decay", "batch_size", "resnet_dropout", "steps")
@@ -83,10 +82,23 @@ def where_ran() -> dict[str, Any]:
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune entry point: ``config["run"] = {"key", "spec", "sweep", "results"}``."""
+    # Imported here, not with the module: Tune creates a worker by importing this module,
+    # and a worker that becomes ready in a second (before torch and torchvision are
+    # imported) is not discarded by Tune for the worker of a trial that just ended.
+    import torch
+
+    from raysoup.io import storage
+    from raysoup.options import from_mapping
+    from raysoup.results import ResultsStore
+    from raysoup.soup.actor import GROUP_FIELDS, OFFER_FIELDS
+    from raysoup.training.trainer import RunSpec, adopt_cached_base, cache_base, train_run
+
     run = config["run"]
     spec = from_mapping(RunSpec, run["spec"], run["key"])
     reused = storage.checkpoint_damage(spec.out) is None  # a damaged one is retrained
-    if not reused:
+    if not reused and (cached := adopt_cached_base(spec)) is not None:
+        print(f"raysoup: {run['key']}: copied from this node's cache: {cached}", file=sys.stderr)
+    elif not reused:
 
         def progress(metrics: dict[str, Any]) -> None:
             tune.report({**_scalars(metrics), "key": run["key"]})
@@ -96,6 +108,7 @@ def run_trial(config: dict[str, Any]) -> None:
         finally:  # the worker lives on for the next trial: give back the accelerator's memory
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        cache_base(spec)  # a base run: the next sweep on this node copies it
     meta = storage.read_meta(spec.out)
     row = trial_row(run["sweep"], run["key"], meta, spec.out)
     row.update(where_ran())  # extra columns: which Ray node ran (or re-reported) the trial

@@ -220,18 +220,56 @@ def base_spec(out: Path, device: str = "auto") -> RunSpec:
     return RunSpec(dataset=BUILTIN_BASE, out=out, test_env=-1, stage="base", device=device)
 
 
+def _recipe(spec: RunSpec) -> dict[str, Any]:
+    """Everything that determines a run's weights except where it is written and run."""
+    return {k: v for k, v in asdict(spec).items() if k not in ("out", "device", "cache_dir")}
+
+
+def base_cache_path(device: torch.device, cache_dir: Path | None = None) -> Path:
+    """Where the cache keeps the built-in base network trained on ``device`` here: keyed by
+    its recipe and, on CPU, torch's thread count (reductions split over threads add in
+    another order: another count gives other bits)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    recipe = seed_hash(sorted(_recipe(base_spec(Path("."))).items()))
+    where = f"cpu{torch.get_num_threads()}t" if device.type == "cpu" else device.type
+    return cache / f"base-{BUILTIN_BASE}-v{BASE_RECIPE_VERSION}-{recipe}-{where}"
+
+
 def ensure_base_checkpoint(cache_dir: Path | None = None, device: str = "auto") -> Path:
     """The built-in base network, trained once and cached (idempotent, atomic)."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    # Keyed by everything that determines the base network except where it is written.
-    recipe = {k: v for k, v in asdict(base_spec(Path("."))).items() if k not in ("out", "device")}
-    target = (
-        cache / f"base-{BUILTIN_BASE}-v{BASE_RECIPE_VERSION}-{seed_hash(sorted(recipe.items()))}"
-    )
+    spec = base_spec(Path("."), device)
+    target = base_cache_path(spec.resolve_device(), cache_dir)
     if not is_checkpoint(target):
         print(f"raysoup: training the built-in base network into {target}", file=sys.stderr)
         train_run(base_spec(target, device))
     return target
+
+
+def _cached_base_for(spec: RunSpec) -> Path | None:
+    """The cache entry that holds the same bits as the base run ``spec`` would train here,
+    or ``None`` when ``spec`` is not the built-in base's recipe."""
+    if spec.stage != "base" or _recipe(spec) != _recipe(base_spec(Path("."))):
+        return None
+    return base_cache_path(spec.resolve_device(), spec.cache_dir)
+
+
+def adopt_cached_base(spec: RunSpec) -> Path | None:
+    """A sweep's base run: copy the cached base network trained the same way (recipe,
+    device, threads: the same bits) to ``spec.out`` instead of training it again. Returns
+    the cache entry copied, or ``None`` (nothing usable cached: train it)."""
+    cached = _cached_base_for(spec)
+    if cached is None or not is_checkpoint(cached) or storage.checkpoint_damage(cached):
+        return None
+    storage.publish_checkpoint(cached, spec.out)
+    return cached
+
+
+def cache_base(spec: RunSpec) -> None:
+    """After a sweep trained its base run ``spec``: keep a copy in this node's cache for
+    the next sweep (never replacing an entry already there)."""
+    cached = _cached_base_for(spec)
+    if cached is not None and not is_checkpoint(cached):
+        storage.publish_checkpoint(storage.local_checkpoint(spec.out), cached)
 
 
 # ---------------------------------------------------------------- the run
