@@ -50,25 +50,18 @@ def _one_cache(sweep_cache: Path) -> Iterator[None]:
         yield
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    return dict(os.environ)
-
-
-def _run(config: Path, storage: Path | str, tmp_path: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        _command(config, storage), env=_env(tmp_path), capture_output=True, text=True, timeout=1500
-    )
+def _run(config: Path, storage: Path | str) -> subprocess.CompletedProcess:
+    """The command to completion (its environment: this process's, with the cache)."""
+    done = subprocess.run(_command(config, storage), capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def _second_driver_is_refused(config: Path, storage: Path, tmp_path: Path, holder: int) -> None:
+def _second_driver_is_refused(config: Path, storage: Path, holder: int) -> None:
     """The same command while a driver holds the sweep: refused before anything starts,
     naming the holder (issue figure: how fast, printed, not asserted)."""
     start = time.perf_counter()
-    refused = subprocess.run(
-        _command(config, storage), env=_env(tmp_path), capture_output=True, text=True, timeout=120
-    )
+    refused = subprocess.run(_command(config, storage), capture_output=True, text=True, timeout=120)
     print(f"second driver refused in {time.perf_counter() - start:.1f} s")
     assert refused.returncode == EXIT_HELD, refused.stderr[-3000:]
     assert f"pid {holder} on " in refused.stderr and "Traceback" not in refused.stderr
@@ -79,14 +72,12 @@ def _interrupted_run(config: Path, storage: Path, tmp_path: Path, sig: int) -> N
     """Start the sweep, stop its driver once 2 target trials are done, then resume."""
     targets = storage / "interrupt" / "checkpoints" / "target"
     log = open(tmp_path / f"driver-{sig}.log", "w")
-    driver = subprocess.Popen(
-        _command(config, storage), env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT
-    )
+    driver = subprocess.Popen(_command(config, storage), stdout=log, stderr=subprocess.STDOUT)
     lease = storage / "interrupt" / "lease.json"
     deadline = time.time() + 1500  # generous: a loaded machine is slow
     while time.time() < deadline and driver.poll() is None and not lease.exists():
         time.sleep(0.2)
-    _second_driver_is_refused(config, storage, tmp_path, driver.pid)
+    _second_driver_is_refused(config, storage, driver.pid)
     while time.time() < deadline and driver.poll() is None:
         if (
             targets.is_dir()
@@ -102,7 +93,7 @@ def _interrupted_run(config: Path, storage: Path, tmp_path: Path, sig: int) -> N
     n_done = len([p for p in targets.iterdir() if not p.name.startswith(".")])
     assert 2 <= n_done < 6, f"expected an unfinished target stage, found {n_done} of 6 done"
     assert lease.exists() == (sig == signal.SIGKILL)  # SIGINT releases it on the way out
-    second = _run(config, storage, tmp_path)  # a killed driver's lease is taken over at once
+    second = _run(config, storage)  # a killed driver's lease is taken over at once
     assert ("took over the lease" in second.stderr) == (sig == signal.SIGKILL)
     assert not lease.exists()
     assert "stage base: all 1 runs done, skipped" in second.stderr
@@ -144,7 +135,7 @@ def reference(tmp_path_factory) -> tuple[pd.DataFrame, str, pd.DataFrame]:
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
     config = tmp_path / "sweep.yaml"
     config.write_text(CONFIG)
-    done = _run(config, tmp_path / "runs", tmp_path)
+    done = _run(config, tmp_path / "runs")
     runs = tmp_path / "runs"
     return _target_rows(runs), _table(done.stdout), _soup_rows(runs), config, runs
 
@@ -157,7 +148,7 @@ def test_interrupted_sweep_resumes_to_the_same_results(tmp_path, reference, sig)
     rows = _target_rows(tmp_path / "runs")
     pd.testing.assert_frame_equal(rows, reference[0])
     pd.testing.assert_frame_equal(_soup_rows(tmp_path / "runs"), reference[2])
-    final = _run(config, tmp_path / "runs", tmp_path)  # a finished sweep: only the table
+    final = _run(config, tmp_path / "runs")  # a finished sweep: only the table
     assert _table(final.stdout) == reference[1]
 
 
@@ -167,10 +158,9 @@ def test_interrupted_sweep_resumes_to_the_same_results(tmp_path, reference, sig)
 # a clear error that names what to do. The cases on the reference folder repair it.
 
 
-def _cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "raysoup.cli", *args],
-        env=_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=1500,
@@ -182,61 +172,61 @@ def _same_as_reference(storage: Path | str, reference) -> None:
     pd.testing.assert_frame_equal(_soup_rows(storage), reference[2])
 
 
-def test_fault_truncated_trial_checkpoint_after_souping(reference, tmp_path) -> None:
+def test_fault_truncated_trial_checkpoint_after_souping(reference) -> None:
     *_, config, runs = reference
     checkpoint = sorted((runs / "interrupt" / "checkpoints" / "target").iterdir())[0]
     weights = checkpoint / "model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[: len(original) // 2])
 
-    resoup = _cli("soup", str(runs / "interrupt"), tmp_path=tmp_path)
+    resoup = _cli("soup", str(runs / "interrupt"))
     assert resoup.returncode == EXIT_BAD_INPUT, resoup.stderr[-3000:]
     assert str(weights) in resoup.stderr and "run the sweep's command again" in resoup.stderr
 
-    again = _run(config, runs, tmp_path)  # the damaged run is retrained, the rest kept
+    again = _run(config, runs)  # the damaged run is retrained, the rest kept
     assert "stage target: 1 of 6 runs to do" in again.stderr
     assert weights.read_bytes() == original  # bit-identical on CPU
     _same_as_reference(runs, reference)
 
 
-def test_fault_damaged_results_parts(reference, tmp_path) -> None:
+def test_fault_damaged_results_parts(reference) -> None:
     *_, config, runs = reference
     results = runs / "interrupt" / "results"
     damaged = [sorted((results / kind).glob("part-*.parquet"))[0] for kind in KINDS]
     for part in damaged:
         part.write_bytes(part.read_bytes()[:100])
 
-    read = _cli("results", str(runs / "interrupt"), tmp_path=tmp_path)
+    read = _cli("results", str(runs / "interrupt"))
     assert read.returncode == EXIT_BAD_INPUT, read.stderr[-3000:]
     assert "is damaged" in read.stderr and "run the sweep's command again" in read.stderr
 
-    again = _run(config, runs, tmp_path)
+    again = _run(config, runs)
     assert again.stderr.count("set aside damaged") == len(KINDS)
     assert all(part.exists() for part in damaged)  # rewritten under the same names
     _same_as_reference(runs, reference)
 
 
-def test_fault_corrupt_sweep_record(reference, tmp_path) -> None:
+def test_fault_corrupt_sweep_record(reference) -> None:
     table, *_, config, runs = reference[1:]
     record = runs / "interrupt" / "sweep.json"
     good = record.read_bytes()
     record.write_bytes(good[: len(good) // 2])
 
-    refused = _cli("run", str(config), "--storage", str(runs), tmp_path=tmp_path)
+    refused = _cli("run", str(config), "--storage", str(runs))
     assert refused.returncode == EXIT_BAD_INPUT, refused.stderr[-3000:]
     assert f"{record} is corrupt" in refused.stderr and "Delete" in refused.stderr
     assert "stage base" not in refused.stderr
-    assert _cli("results", str(runs / "interrupt"), tmp_path=tmp_path).returncode == 0
+    assert _cli("results", str(runs / "interrupt")).returncode == 0
 
     record.unlink()  # what the message says to do, with the original config
-    again = _run(config, runs, tmp_path)
+    again = _run(config, runs)
     assert "stage target: all 6 runs done, skipped" in again.stderr
     assert json.loads(record.read_bytes()) == json.loads(good)
     assert _table(again.stdout) == table
     _same_as_reference(runs, reference)
 
 
-def test_fault_soup_state_torn_by_a_kill_mid_write(reference, tmp_path) -> None:
+def test_fault_soup_state_torn_by_a_kill_mid_write(reference) -> None:
     """What SIGKILL of the soup actor inside its atomic state write leaves on disk: the
     previous ``state.json`` and a half-written hidden temporary file beside it. (A kill
     at any other moment is ``test_soup_actor.py``'s killed-actor test.)"""
@@ -245,7 +235,7 @@ def test_fault_soup_state_torn_by_a_kill_mid_write(reference, tmp_path) -> None:
     good = json.loads(state.read_bytes())
     torn = state.parent / f".state.json.tmp-{uuid.uuid4().hex}"
     torn.write_bytes(state.read_bytes()[:200])
-    _run(config, runs, tmp_path)
+    _run(config, runs)
     assert json.loads(state.read_bytes())["groups"] == good["groups"]
     _same_as_reference(runs, reference)
 
@@ -289,9 +279,7 @@ def test_fault_worker_then_driver_killed_on_s3(reference, s3_bucket, tmp_path) -
     root = f"{storage}/interrupt"
     log_path = tmp_path / "driver.log"
     with open(log_path, "w") as log:
-        driver = subprocess.Popen(
-            _command(config, storage), env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT
-        )
+        driver = subprocess.Popen(_command(config, storage), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 1500
     killed: list[int] = []
     while time.time() < deadline and driver.poll() is None and not killed:
@@ -311,6 +299,6 @@ def test_fault_worker_then_driver_killed_on_s3(reference, s3_bucket, tmp_path) -
     driver.wait(timeout=120)
     assert len(find_checkpoints(f"{root}/checkpoints/target")) < 6
 
-    again = _run(config, storage, tmp_path)
+    again = _run(config, storage)
     assert "took over the lease" in again.stderr
     _same_as_reference(storage, reference)

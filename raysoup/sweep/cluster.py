@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import ray
 
@@ -33,3 +34,17 @@ def connect(address: str | None = None) -> str:
         else:
             ray.init(address=resolved)
     return resolved
+
+
+@contextmanager
+def ray_session(address: str | None = None) -> Iterator[str]:
+    """Ray for the block, per :func:`connect`. A Ray this started is shut down when the
+    block ends (at once: left to the interpreter's exit, it takes seconds longer); one
+    already up is left as it is."""
+    started = not ray.is_initialized()
+    resolved = connect(address)
+    try:
+        yield resolved
+    finally:
+        if started:
+            ray.shutdown()

@@ -51,6 +51,7 @@ from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
 from raysoup.soup.greedy import rank_key
 from raysoup.soup.group import GroupKey, Offer
 from raysoup.soup.maker import METHODS, SoupMaker, describe
+from raysoup.sweep.cluster import ray_session
 from raysoup.sweep.config import (
     ADDED_LATER,
     RECORD_VERSION,
@@ -509,35 +510,19 @@ def _run_with_ray(
     targets: list[PlannedRun],
 ) -> tuple[list[Failure], list[dict[str, Any]], list[dict[str, Any]]]:
     """The runs on Ray Tune, souped by the soup actor as they finish: ``(failures, soup
-    rows written at the end, soup summary)``. A Ray started here is shut down here (at
-    once: left to the interpreter's exit, it takes seconds longer)."""
-    if ray.is_initialized():
-        return _run_on_ray(root, config, plan, every, targets)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    try:
-        return _run_on_ray(root, config, plan, every, targets)
-    finally:
-        ray.shutdown()
-
-
-def _run_on_ray(
-    root: Location,
-    config: SweepConfig,
-    plan: Mapping[str, list[PlannedRun]],
-    every: list[PlannedRun],
-    targets: list[PlannedRun],
-) -> tuple[list[Failure], list[dict[str, Any]], list[dict[str, Any]]]:
-    callbacks: list[tune.Callback] = []
-    if targets:  # listening before any trial starts: a target may finish early
-        soup = start_soup(root, config, targets)
-        callbacks = [SoupFeeder(actor_name(config.name, root))]
-    failures = run_runs(SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan)
-    if not targets:
-        return failures, [], []
-    hand_over(soup, targets)  # idempotent: whatever the actor already has is skipped
-    # Groups with failed trials never complete: finalize them with the trials there are.
-    written = ray.get(soup.finalize.remote())
-    return failures, written, ray.get(soup.summary.remote())
+    rows written at the end, soup summary)``."""
+    with ray_session():
+        callbacks: list[tune.Callback] = []
+        if targets:  # listening before any trial starts: a target may finish early
+            soup = start_soup(root, config, targets)
+            callbacks = [SoupFeeder(actor_name(config.name, root))]
+        failures = run_runs(SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan)
+        if not targets:
+            return failures, [], []
+        hand_over(soup, targets)  # idempotent: whatever the actor already has is skipped
+        # Groups with failed trials never complete: finalize them with the trials there are.
+        written = ray.get(soup.finalize.remote())
+        return failures, written, ray.get(soup.summary.remote())
 
 
 def run_sweep_status(config: SweepConfig, storage: Location) -> tuple[Location, int]:
