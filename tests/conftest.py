@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,23 +44,78 @@ def _guarded_connect_ex(self: socket.socket, address: object) -> int:
     return _real_connect_ex(self, address)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Test files with slow (end-to-end) tests first, each file's tests in their order:
+    two xdist workers then share the long files from the start rather than wait for the
+    last one to end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
     monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
 
 
-@pytest.fixture(scope="session")
-def raysoup_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache (holding the built-in base network) for the whole session."""
-    return tmp_path_factory.mktemp("raysoup-cache")
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every pytest-xdist worker of this session shares (the session's base temp
+    folder without xdist): what a session fixture builds once for all workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@pytest.fixture(scope="session")
-def base_checkpoint(raysoup_cache: Path) -> Path:
+@contextlib.contextmanager
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """``shared_root / name``, held under a file lock across xdist workers: the first
+    worker builds what is missing inside the block, the others find it built."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    with FileLock(str(root / f"{name}.lock")):
+        yield root / name
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch's intra-op thread count set to ``n`` for the block."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def shared_sweep_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One raysoup cache for every sweep of the session (every xdist worker), holding the
+    built-in base network trained with one torch thread, as a sweep's one-CPU base trial
+    trains it: a sweep's base run adopts it (the same bits) instead of training it."""
     from raysoup.training.trainer import ensure_base_checkpoint
 
-    return ensure_base_checkpoint(raysoup_cache, device="cpu")
+    with built_once(tmp_path_factory, "sweep-cache") as cache, torch_threads(1):
+        cache.mkdir(exist_ok=True)
+        ensure_base_checkpoint(cache, device="cpu")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def sweep_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``shared_sweep_cache`` as a fixture."""
+    return shared_sweep_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(sweep_cache: Path) -> Path:
+    """The built-in base network (one torch thread), trained once for the session."""
+    import torch
+
+    from raysoup.training.trainer import base_cache_path
+
+    with torch_threads(1):
+        return base_cache_path(torch.device("cpu"), sweep_cache)
 
 
 N_SOUP_TRIALS = 6
@@ -91,14 +148,16 @@ def _train_target(
 @pytest.fixture(scope="session")
 def soup_trials(tmp_path_factory: pytest.TempPathFactory, base_checkpoint: Path) -> list:
     """Six real target trials of one soup group (hparams seeds 0..5), trained once."""
+    from raysoup.io.checkpoint import is_checkpoint
     from raysoup.soup.group import Offer
 
-    root = tmp_path_factory.mktemp("soup-trials")
     offers = []
-    for h in range(N_SOUP_TRIALS):
-        path = root / f"target-h{h}"
-        _train_target(path, h, base_checkpoint)
-        offers.append(Offer.from_checkpoint(f"target-h{h}", path))
+    with built_once(tmp_path_factory, "soup-trials") as root:
+        for h in range(N_SOUP_TRIALS):
+            path = root / f"target-h{h}"
+            if not is_checkpoint(path):
+                _train_target(path, h, base_checkpoint)
+            offers.append(Offer.from_checkpoint(f"target-h{h}", path))
     return offers
 
 
@@ -137,21 +196,6 @@ def s3_endpoint() -> Iterator[str]:
             yield endpoint
         finally:
             server.stop()
-
-
-def shared_sweep_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One raysoup cache for every sweep of the session: the first sweep trains the base
-    network in a one-thread trial and caches it, the others copy it (a sweep's base run
-    adopts a cached base trained the same way: the same bits)."""
-    cache = tmp_path_factory.getbasetemp() / "sweep-cache"
-    cache.mkdir(exist_ok=True)
-    return cache
-
-
-@pytest.fixture(scope="session")
-def sweep_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``shared_sweep_cache`` as a fixture."""
-    return shared_sweep_cache(tmp_path_factory)
 
 
 def local_ray_with_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -32,7 +32,8 @@ n_hparams: 2
 steps: 40
 aux_steps: 20
 lp_stage_steps: 20
-checkpoint_freq: 20
+checkpoint_freq: 40
+eval_schedule: multiples
 aux_n_hparams: 1
 aux_lp: false
 """
@@ -68,36 +69,32 @@ def _second_driver_is_refused(config: Path, storage: Path, holder: int) -> None:
     assert "stage base" not in refused.stderr  # refused before any stage
 
 
-def _interrupted_run(config: Path, storage: Path, tmp_path: Path, sig: int) -> None:
-    """Start the sweep, stop its driver once 2 target trials are done, then resume."""
+def _interrupt(config: Path, storage: Path, log_path: Path, sig: int, after: int) -> str:
+    """Start the sweep's command, send ``sig`` to its driver once ``after`` target trials
+    are done (the trial in flight is lost), and return what the driver printed."""
     targets = storage / "interrupt" / "checkpoints" / "target"
-    log = open(tmp_path / f"driver-{sig}.log", "w")
-    driver = subprocess.Popen(_command(config, storage), stdout=log, stderr=subprocess.STDOUT)
+
+    def n_done() -> int:
+        return len([p for p in targets.iterdir() if not p.name.startswith(".")])
+
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(_command(config, storage), stdout=log, stderr=subprocess.STDOUT)
     lease = storage / "interrupt" / "lease.json"
     deadline = time.time() + 1500  # generous: a loaded machine is slow
     while time.time() < deadline and driver.poll() is None and not lease.exists():
         time.sleep(0.2)
     _second_driver_is_refused(config, storage, driver.pid)
     while time.time() < deadline and driver.poll() is None:
-        if (
-            targets.is_dir()
-            and len([p for p in targets.iterdir() if not p.name.startswith(".")]) >= 2
-        ):
+        if targets.is_dir() and n_done() >= after:
             break
         time.sleep(0.5)
     assert driver.poll() is None, "the sweep finished before it could be interrupted"
     assert targets.is_dir(), "no target trial finished in time"
     driver.send_signal(sig)
     driver.wait(timeout=120)
-    log.close()
-    n_done = len([p for p in targets.iterdir() if not p.name.startswith(".")])
-    assert 2 <= n_done < 6, f"expected an unfinished target stage, found {n_done} of 6 done"
+    assert after <= n_done() < 6, f"expected an unfinished target stage, found {n_done()} of 6"
     assert lease.exists() == (sig == signal.SIGKILL)  # SIGINT releases it on the way out
-    second = _run(config, storage)  # a killed driver's lease is taken over at once
-    assert ("took over the lease" in second.stderr) == (sig == signal.SIGKILL)
-    assert not lease.exists()
-    assert "stage base: all 1 runs done, skipped" in second.stderr
-    assert "stage target:" in second.stderr
+    return log_path.read_text()
 
 
 def _table(stdout: str) -> str:
@@ -140,15 +137,24 @@ def reference(tmp_path_factory) -> tuple[pd.DataFrame, str, pd.DataFrame]:
     return _target_rows(runs), _table(done.stdout), _soup_rows(runs), config, runs
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_interrupted_sweep_resumes_to_the_same_results(tmp_path, reference, sig) -> None:
-    config = tmp_path / "sweep.yaml"
+def test_interrupted_twice_resumes_to_the_same_results(tmp_path, reference) -> None:
+    """SIGINT of the driver once 2 target trials are done; the same command resumes, and
+    its driver is SIGKILLed once 4 are done; the same command again ends with exactly the
+    uninterrupted run's trials and soups (each once), then prints the same table."""
+    config, runs = tmp_path / "sweep.yaml", tmp_path / "runs"
     config.write_text(CONFIG)
-    _interrupted_run(config, tmp_path / "runs", tmp_path, sig)
-    rows = _target_rows(tmp_path / "runs")
-    pd.testing.assert_frame_equal(rows, reference[0])
-    pd.testing.assert_frame_equal(_soup_rows(tmp_path / "runs"), reference[2])
-    final = _run(config, tmp_path / "runs")  # a finished sweep: only the table
+    _interrupt(config, runs, tmp_path / "first.log", signal.SIGINT, after=2)
+    resumed = _interrupt(config, runs, tmp_path / "second.log", signal.SIGKILL, after=4)
+    assert "took over the lease" not in resumed  # SIGINT released it
+    assert "stage base: all 1 runs done, skipped" in resumed
+    assert "stage target: " in resumed and " of 6 runs to do" in resumed
+    last = _run(config, runs)
+    assert "took over the lease" in last.stderr  # the killed driver's lease, at once
+    assert not (runs / "interrupt" / "lease.json").exists()
+    assert "stage target: " in last.stderr and "stage lp: all 1 runs done" in last.stderr
+    pd.testing.assert_frame_equal(_target_rows(runs), reference[0])
+    pd.testing.assert_frame_equal(_soup_rows(runs), reference[2])
+    final = _run(config, runs)  # a finished sweep: only the table
     assert _table(final.stdout) == reference[1]
 
 

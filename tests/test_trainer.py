@@ -341,27 +341,29 @@ def test_arch_resolution_follows_the_resnet18_hparam(tmp_path: Path) -> None:
 
 
 def test_a_sweep_base_run_copies_the_base_cached_with_the_same_bits(
-    base_checkpoint: Path, raysoup_cache: Path, tmp_path: Path
+    base_checkpoint: Path, sweep_cache: Path, tmp_path: Path
 ) -> None:
     """The cache entry is keyed by recipe, device and (CPU) thread count: a base run
-    trained with another count would give other bits, so it is not copied."""
+    trained with another count would give other bits, so it is not copied. (The session's
+    base was trained with one thread, as a sweep's one-CPU base trial trains it.)"""
+    from conftest import torch_threads
+
     from raysoup.training.trainer import adopt_cached_base, base_spec, cache_base
 
     spec = base_spec(tmp_path / "base", "cpu")
-    spec.cache_dir = raysoup_cache
-    assert adopt_cached_base(spec) == base_checkpoint
+    spec.cache_dir = sweep_cache
+    with torch_threads(1):
+        assert adopt_cached_base(spec) == base_checkpoint
     assert read_meta(spec.out).content_hash == read_meta(base_checkpoint).content_hash
     other_recipe = base_spec(tmp_path / "short", "cpu")
-    other_recipe.cache_dir, other_recipe.steps = raysoup_cache, 10
-    assert adopt_cached_base(other_recipe) is None and not other_recipe.out.exists()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads + 1)
-    try:
+    other_recipe.cache_dir, other_recipe.steps = sweep_cache, 10
+    with torch_threads(1):
+        assert adopt_cached_base(other_recipe) is None and not other_recipe.out.exists()
+    with torch_threads(2):
+        spec.out = tmp_path / "two-threads"
         assert adopt_cached_base(spec) is None  # another thread count: not the same bits
-        spec.cache_dir = tmp_path / "cache"
+        spec.cache_dir, spec.out = tmp_path / "cache", tmp_path / "base"
         cache_base(spec)  # what a sweep does after training its base here
         spec.out = tmp_path / "again"
         assert adopt_cached_base(spec) is not None
         assert read_meta(spec.out).content_hash == read_meta(base_checkpoint).content_hash
-    finally:
-        torch.set_num_threads(threads)

@@ -405,12 +405,14 @@ def run_runs(
     *,
     plan: Mapping[str, list[PlannedRun]] | None = None,
     failed: Mapping[str, Failure] | None = None,
+    missing: list[PlannedRun] | None = None,
 ) -> list[Failure]:
     """Run the unfinished ``runs`` (of any stages) in one Tune experiment ``name``; a run
     starts as soon as the runs of ``plan`` it starts from are done. Returns the runs that
-    failed, or could not start because a run they need failed (here or in ``failed``)."""
+    failed, or could not start because a run they need failed (here or in ``failed``).
+    ``missing``: ``runs_to_do(runs)`` when the caller has it (each checkpoint checked once)."""
     plan = plan or {}
-    missing = runs_to_do(runs)
+    missing = runs_to_do(runs) if missing is None else missing
     restore_trial_rows(runs, root, config)
     failed = dict(failed or {})
     every = {**plan, "_": runs}  # the runs' dependencies may lie in other stages of the plan
@@ -486,11 +488,12 @@ def _run_sweep_held(config: SweepConfig, root: Location) -> None:
         print(f"raysoup: warning: set aside damaged {damaged}; rewriting it", file=sys.stderr)
     targets = plan.get("target", [])
     every = [run for runs in plan.values() for run in runs]
-    if not runs_to_do(every, quiet=True):  # nothing to train: no Ray, soups made here
-        failures = run_runs(SWEEP_EXPERIMENT, every, root, config, plan=plan)
+    missing = runs_to_do(every)
+    if not missing:  # nothing to train: no Ray, soups made here
+        failures = run_runs(SWEEP_EXPERIMENT, every, root, config, plan=plan, missing=missing)
         written, summary = soup_here(root, config, targets) if targets else ([], [])
     else:
-        failures, written, summary = _run_with_ray(root, config, plan, every, targets)
+        failures, written, summary = _run_with_ray(root, config, plan, every, missing, targets)
     for row in written:
         print(f"raysoup: soup {describe(row)}", file=sys.stderr)
     if targets:
@@ -507,16 +510,19 @@ def _run_with_ray(
     config: SweepConfig,
     plan: Mapping[str, list[PlannedRun]],
     every: list[PlannedRun],
+    missing: list[PlannedRun],
     targets: list[PlannedRun],
 ) -> tuple[list[Failure], list[dict[str, Any]], list[dict[str, Any]]]:
-    """The runs on Ray Tune, souped by the soup actor as they finish: ``(failures, soup
-    rows written at the end, soup summary)``."""
+    """The ``missing`` runs of ``every`` on Ray Tune, souped by the soup actor as they
+    finish: ``(failures, soup rows written at the end, soup summary)``."""
     with ray_session():
         callbacks: list[tune.Callback] = []
         if targets:  # listening before any trial starts: a target may finish early
             soup = start_soup(root, config, targets)
             callbacks = [SoupFeeder(actor_name(config.name, root))]
-        failures = run_runs(SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan)
+        failures = run_runs(
+            SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan, missing=missing
+        )
         if not targets:
             return failures, [], []
         hand_over(soup, targets)  # idempotent: whatever the actor already has is skipped
