@@ -129,8 +129,10 @@ def test_orchestration_overhead_row() -> None:
     assert row["ideal_s"] == 5.0 and row["overhead_x"] == 2.0
     assert row["overhead_per_trial_s"] == 1.0 and row["overhead_in_trials_x"] == 10.0 / 6.0
     assert row["overhead_with_soup_work_x"] == 2.0  # no soup work measured
-    row = bench.overhead_row("with", 10, 2, {"wall_s": 10.0, "soup_cpu_s": 2.0}, 1.0, 12.0)
-    assert row["overhead_with_soup_work_x"] == 10.0 / (5.0 + 1.0)
+    measured = {"wall_s": 10.0, "soup_cpu_s": 9.0, "soup_work_s": 2.0}
+    row = bench.overhead_row("with", 10, 2, measured, 1.0, 12.0)
+    assert row["ideal_with_soup_s"] == 6.0  # the soups' work alone shares the 2 slots
+    assert row["overhead_with_soup_work_x"] == 10.0 / 6.0
     config = bench.sweep_config("orch", 7, 2, torch.device("cpu"))
     assert config.n_hparams == 7 and config.inits == ["pretrained"]
 

@@ -69,13 +69,18 @@ def _second_driver_is_refused(config: Path, storage: Path, holder: int) -> None:
     assert "stage base" not in refused.stderr  # refused before any stage
 
 
-def _interrupt(config: Path, storage: Path, log_path: Path, sig: int, after: int) -> str:
-    """Start the sweep's command, send ``sig`` to its driver once ``after`` target trials
-    are done (the trial in flight is lost), and return what the driver printed."""
+def _interrupt(config: Path, storage: Path, log_path: Path, sig: int, more: int) -> str:
+    """Start the sweep's command, send ``sig`` to its driver once it has printed its plan
+    and ``more`` target trials are done than when it started (the trial in flight is
+    lost), and return what the driver printed."""
     targets = storage / "interrupt" / "checkpoints" / "target"
 
     def n_done() -> int:
+        if not targets.is_dir():
+            return 0
         return len([p for p in targets.iterdir() if not p.name.startswith(".")])
+
+    after = n_done() + more  # an earlier interruption may have left trials finishing
 
     with open(log_path, "w") as log:
         driver = subprocess.Popen(_command(config, storage), stdout=log, stderr=subprocess.STDOUT)
@@ -85,7 +90,7 @@ def _interrupt(config: Path, storage: Path, log_path: Path, sig: int, after: int
         time.sleep(0.2)
     _second_driver_is_refused(config, storage, driver.pid)
     while time.time() < deadline and driver.poll() is None:
-        if targets.is_dir() and n_done() >= after:
+        if n_done() >= after and "raysoup: stage target: " in log_path.read_text():
             break
         time.sleep(0.5)
     assert driver.poll() is None, "the sweep finished before it could be interrupted"
@@ -139,12 +144,12 @@ def reference(tmp_path_factory) -> tuple[pd.DataFrame, str, pd.DataFrame]:
 
 def test_interrupted_twice_resumes_to_the_same_results(tmp_path, reference) -> None:
     """SIGINT of the driver once 2 target trials are done; the same command resumes, and
-    its driver is SIGKILLed once 4 are done; the same command again ends with exactly the
+    its driver is SIGKILLed once one more is done; the same command again ends with exactly the
     uninterrupted run's trials and soups (each once), then prints the same table."""
     config, runs = tmp_path / "sweep.yaml", tmp_path / "runs"
     config.write_text(CONFIG)
-    _interrupt(config, runs, tmp_path / "first.log", signal.SIGINT, after=2)
-    resumed = _interrupt(config, runs, tmp_path / "second.log", signal.SIGKILL, after=4)
+    _interrupt(config, runs, tmp_path / "first.log", signal.SIGINT, more=2)
+    resumed = _interrupt(config, runs, tmp_path / "second.log", signal.SIGKILL, more=1)
     assert "took over the lease" not in resumed  # SIGINT released it
     assert "stage base: all 1 runs done, skipped" in resumed
     assert "stage target: " in resumed and " of 6 runs to do" in resumed

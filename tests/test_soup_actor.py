@@ -75,6 +75,35 @@ def test_killed_actor_restarts_and_ends_with_identical_soups(
     assert 0 < peak < 4096
 
 
+def test_feeder_batches_trials_and_sends_the_rest_at_the_end(
+    local_ray, soup_trials, tmp_path
+) -> None:
+    """With ``every_s`` not yet elapsed, finished trials wait in the driver and go to the
+    actor together; whatever waits when the experiment ends is sent then."""
+    from types import SimpleNamespace
+
+    from raysoup.soup.actor import SoupFeeder, offer_from_result
+
+    actor = _start(tmp_path, "fed", soup_trials)
+    feeder = SoupFeeder(actor_name("fed", tmp_path), every_s=3600.0)
+    for offer in soup_trials:
+        result = {"final": True, "stage": "target", "key": offer.trial_id}
+        result.update({k: v for k, v in offer.to_dict().items() if k != "group"})
+        result.update(offer.group.__dict__)
+        assert offer_from_result(result)["trial_id"] == offer.trial_id
+        feeder.on_trial_complete(0, [], SimpleNamespace(last_result=result))
+    assert feeder.waiting == [o.trial_id for o in soup_trials[1:]]  # the first went at once
+    feeder.on_step_begin(0, [])
+    assert len(feeder.waiting) == len(soup_trials) - 1  # every_s not elapsed: still waiting
+    feeder.on_experiment_end([])
+    assert feeder.waiting == []
+    ray.get(feeder._in_flight)
+    summary = ray.get(actor.summary.remote())
+    assert summary[0]["trials"] == len(soup_trials)
+    assert "greedy" in summary[0]["final"]  # the group completed and was finalized
+    ray.kill(actor, no_restart=True)
+
+
 def test_feeder_never_fails_tune_when_the_actor_is_missing(local_ray, capfd) -> None:
     """A callback that raises breaks Tune's bookkeeping of the trial (and its worker is not
     reused): an unreachable actor is a warning, the runner hands the trial over later."""
@@ -92,5 +121,5 @@ def test_feeder_never_fails_tune_when_the_actor_is_missing(local_ray, capfd) -> 
     }
     feeder.on_trial_complete(0, [], SimpleNamespace(last_result=result))
     err = capfd.readouterr().err
-    assert "soup actor 'soup:no-such-sweep:0000000000' not reached for trial target-x" in err
-    assert feeder.sent == 0
+    assert "soup actor 'soup:no-such-sweep:0000000000' not reached for trial(s) target-x" in err
+    assert feeder.waiting == []  # dropped with the warning: the runner hands it over

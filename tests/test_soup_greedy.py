@@ -121,6 +121,48 @@ def test_streaming_equals_batch_after_every_arrival(case, accept):
     assert soup.n_evaluations == sum(streaming_eval.calls.values())
 
 
+@settings(max_examples=200, deadline=None)
+@given(arrivals(), st.sampled_from(ACCEPT), st.data())
+def test_batches_equal_batch_greedy_and_decide_each_rank_at_most_once(case, accept, data):
+    stream, seed = case
+    evaluate = FakeEvaluator(seed)
+    soup = StreamingGreedy(evaluate, accept=accept)
+    latest: dict[str, Candidate] = {}
+    while stream:
+        size = data.draw(st.integers(1, len(stream)))
+        batch, stream = stream[:size], stream[size:]
+        for c in batch:
+            evaluate.contents[c.trial_id] = c.content_hash
+            latest[c.trial_id] = c
+        n_before = soup.n_evaluations
+        returned = soup.add_many(batch)
+        assert soup.n_evaluations - n_before <= len(soup)  # each rank at most once
+        batch_eval = FakeEvaluator(seed)
+        batch_eval.contents = dict(evaluate.contents)
+        expected = batch_greedy(list(latest.values()), batch_eval, accept=accept)
+        assert outcome(soup.decisions) == outcome(expected)
+        assert soup.soup_id_val_acc == expected[-1].soup_id_val_acc
+        current = {d.trial_id: d for d in soup.decisions}
+        assert all(current[d.trial_id] == d for d in returned)
+        assert [d.rank for d in returned] == sorted(d.rank for d in returned)
+    assert all(n == 1 for n in evaluate.calls.values())
+
+
+def test_a_batch_costs_fewer_evaluations_than_one_by_one():
+    # every newcomer is accepted: one by one, each re-decides all ranks below it
+    def evaluate(ids: frozenset[str]) -> float:
+        return 0.9 + 0.01 * len(ids)
+
+    candidates = [Candidate(f"t{i}", 0.9 - 0.01 * i) for i in range(8)]
+    one_by_one = StreamingGreedy(evaluate)
+    for c in reversed(candidates):  # worst first: every arrival lands on top
+        one_by_one.add(c)
+    batched = StreamingGreedy(evaluate)
+    batched.add_many(reversed(candidates))
+    assert batched.ingredients == one_by_one.ingredients == [c.trial_id for c in candidates]
+    assert batched.n_evaluations == len(candidates) - 1 < one_by_one.n_evaluations
+
+
 def test_rejected_newcomer_costs_one_evaluation():
     soup = StreamingGreedy(lambda ids: 0.9 if ids == {"a", "b", "c"} else 0.1)
     for trial_id, acc in [("a", 0.9), ("c", 0.5), ("d", 0.3)]:

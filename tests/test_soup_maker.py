@@ -73,12 +73,16 @@ def test_streaming_soup_equals_batch_recipe_1_in_any_arrival_order(trials, tmp_p
             logits, labels = data.logits(evaluator.network, parts, torch.device("cpu"))
             total = logits if total is None else total + logits
         ensemble[name] = (total.argmax(1) == labels).double().mean().item()
-    # One arrival order per maker; the soups must agree bit for bit.
+    # One arrival order per maker (one at a time, then in batches of 3 with no ensemble
+    # logits kept on arrival); the soups must agree bit for bit.
     orders = [list(trials), list(reversed(trials)), random.Random(0).sample(trials, len(trials))]
     hashes = []
     for i, order in enumerate(orders):
-        maker = _maker(tmp_path / f"order{i}", trials)
-        maker.offer(order)
+        batch = 3 if i == 2 else 1
+        maker = _maker(tmp_path / f"order{i}", trials, logit_cache_mb=256 if batch == 1 else 0)
+        for start in range(0, len(order), batch):
+            maker.offer(order[start : start + batch])
+        assert not maker._logits  # released with the final group
         group = maker.groups[KEY]
         assert group.device == maker.device  # the group's running sums live there
         assert group.greedy.ingredients == expected

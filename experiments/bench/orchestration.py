@@ -17,9 +17,12 @@ Reported: the wall time of each, the ideal ``total work / slots`` (work = the sa
 run standalone in this process, ``--calibrate`` of them after one untimed, before and
 again after the sweeps, median of both), the overhead ratio ``wall / ideal``, the same
 against the work the trials measured themselves (their ``wall_s``, slowed by whatever
-shared the CPUs), and for ``with`` the soup actor's CPU seconds (its own work, which
-shares the slots: ``overhead_with_soup_work_x`` adds it to the ideal) and the soup tail:
-from the end of the stage to the final soups. The base network comes from the raysoup
+shared the CPUs), and for ``with``: the soups' own work measured alone (``soup_work_s``:
+the actor's ``SoupMaker`` souping the same finished trials post hoc in this process, one
+torch thread, every soup written), which shares the slots (``overhead_with_soup_work_x``
+is the wall against ``ideal_with_soup_s`` = ideal + soup work / slots), the soup actor's
+CPU seconds (its work while streaming: re-decisions, start-up) and the soup tail: from
+the end of the stage to the final soups. The base network comes from the raysoup
 cache and the LP head is trained once here: neither is timed.
 
     python experiments/bench/orchestration.py
@@ -139,7 +142,7 @@ def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dic
         return {"wall_s": time.perf_counter() - started}
     soup = start_soup(root, config, runs)
     # the actor's name as run_sweep gives it (a wrong one: every offer fails in the driver)
-    feeder = SoupFeeder(actor_name(config.name, root))
+    feeder = SoupFeeder(actor_name(config.name, root), every_s=config.soup_every_s)
     run_runs("target", runs, root, config, callbacks=[feeder])
     stage_done = time.perf_counter()
     hand_over(soup, runs)
@@ -154,7 +157,34 @@ def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dic
         "soup_cpu_s": soup_cpu_s,
         "soups_written": len(written),
         "greedy_size": len(summary[0]["greedy"]) if summary else 0,
+        "greedy_evaluations": summary[0]["greedy_evaluations"] if summary else 0,
     }
+
+
+def soup_work_s(runs: list[Any], scratch: Path, device: torch.device) -> float:
+    """Seconds of the soups' own work measured alone: the soup actor's ``SoupMaker``, in
+    this process with one torch thread, souping the finished trials post hoc (one batch,
+    each rank decided once) and writing every soup, into ``scratch``."""
+    from raysoup.soup.maker import SoupMaker
+    from raysoup.sweep.runner import finished_offers, planned_groups
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        maker = SoupMaker(
+            scratch,
+            "soup-work",
+            expected=planned_groups(runs),
+            device=device.type,
+            persist=False,
+            log=lambda line: None,
+        )
+        maker.offer(finished_offers(runs))
+        maker.finalize_all()
+        return time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
 
 
 def trial_work(runs: list[Any]) -> float:
@@ -170,8 +200,8 @@ def overhead_row(
     """Wall time against the ideal ``total work / slots``."""
     ideal = standalone * trials / slots
     wall = measured["wall_s"]
-    # the soup actor's own work (its process's CPU seconds, start-up included) shares the slots
-    with_soup = ideal + measured.get("soup_cpu_s", 0.0) / slots
+    # the soups' own work, measured alone, shares the slots
+    with_soup = ideal + measured.get("soup_work_s", 0.0) / slots
     return {
         "mode": mode,
         "trials": trials,
@@ -179,6 +209,7 @@ def overhead_row(
         "trial_work_s": standalone,
         "ideal_s": ideal,
         **measured,
+        "ideal_with_soup_s": with_soup,
         "overhead_x": wall / ideal,
         "overhead_with_soup_work_x": wall / with_soup,
         "overhead_per_trial_s": (wall - ideal) * slots / trials,
@@ -241,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         # Timed before and after the sweeps: a shared machine's speed drifts in between.
         after = calibrate(first_runs, workdir / "calibration-after", args.calibrate)
+        if "with" in measured:
+            runs = prepared["with"][2]
+            measured["with"]["soup_work_s"] = soup_work_s(runs, workdir / "soup-work", device)
         standalone = median(before + after)
         print(
             f"one trial standalone: {standalone:.2f} s (median of {len(before + after)}; "
@@ -268,9 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         ("overhead_per_trial_s", ".2f"),
         ("overhead_in_trials_x", ".2f"),
         ("soup_cpu_s", ".1f"),
+        ("soup_work_s", ".1f"),
+        ("ideal_with_soup_s", ".1f"),
         ("overhead_with_soup_work_x", ".2f"),
         ("soup_tail_s", ".2f"),
         ("greedy_size", "d"),
+        ("greedy_evaluations", "d"),
     ]
     print(format_table(rows, columns))
     print(f"rows: {write_rows(rows, args.out)}")

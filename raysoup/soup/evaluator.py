@@ -6,8 +6,9 @@ splits and batches, so a one-ingredient soup scores exactly its trial's number.
 
 The ensemble (logit average of several trials) is scored the same way: one trial at a
 time, its logits added to a float64 sum per example in the order given, so the memory is
-one network and the sums, whatever the number of trials, and a given order gives
-bit-identical sums. Its prediction is the argmax of the sum (of the average: the same).
+one network and the sums (plus whatever logits the caller chose to keep), whatever the
+number of trials, and a given order gives bit-identical sums. Its prediction is the
+argmax of the sum (of the average: the same).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class SoupEvaluator:
             nonlinear_classifier=bool(meta.hparams.get("nonlinear_classifier", False)),
         ).to(device)
         self.network.eval()
+        self._labels: dict[str, torch.Tensor] = {}  # per split, set by trial_logits
 
     def _load(self, state: Mapping[str, torch.Tensor]) -> None:
         self.network.load_state_dict(state)
@@ -102,21 +104,33 @@ class SoupEvaluator:
         self._load(state)
         return self.data.accuracy(self.network, self.data.test, self.device)
 
-    def ensemble_accs(self, states: Iterable[Mapping[str, torch.Tensor]]) -> tuple[float, float]:
-        """``(id_val_acc, test_acc)`` of the logit average of ``states``, taken one at a
-        time (the caller loads each lazily) and summed in float64 in the order given."""
+    def trial_logits(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"id_val": ..., "test": ...}``: the float32 logits of one model (exactly the
+        network's output; float64 of them is what the ensemble sums)."""
+        self._load(state)
+        out = {}
+        for name, parts in (("id_val", self.data.id_val), ("test", self.data.test)):
+            logits, self._labels[name] = self.data.logits(self.network, parts, self.device)
+            out[name] = logits.float()
+        return out
+
+    def ensemble_accs(self, models: Iterable[Mapping[str, torch.Tensor]]) -> tuple[float, float]:
+        """``(id_val_acc, test_acc)`` of the logit average of ``models`` (``trial_logits``
+        of each, taken one at a time, e.g. computed lazily), summed in float64 in the
+        order given."""
         sums: dict[str, torch.Tensor] = {}
-        labels: dict[str, torch.Tensor] = {}
-        for state in states:
-            self._load(state)
-            for name, parts in (("id_val", self.data.id_val), ("test", self.data.test)):
-                logits, labels[name] = self.data.logits(self.network, parts, self.device)
-                sums[name] = sums[name].add_(logits) if name in sums else logits
+        for logits in models:
+            for name, value in logits.items():
+                if name in sums:
+                    sums[name].add_(value.double())
+                else:  # a copy: the caller's logits stay as they were
+                    sums[name] = value.to(torch.float64, copy=True)
         if not sums:
             raise ValueError("an ensemble needs at least one model")
         accs = []
         for name in ("id_val", "test"):
-            total = labels[name].numel()
-            correct = int((sums[name].argmax(dim=1) == labels[name]).sum()) if total else 0
+            labels = self._labels[name]
+            total = labels.numel()
+            correct = int((sums[name].argmax(dim=1) == labels).sum()) if total else 0
             accs.append(correct / total if total else float("nan"))
         return accs[0], accs[1]

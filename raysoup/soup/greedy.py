@@ -13,6 +13,10 @@ it, so the decisions below stay valid too. Only an accepted newcomer (or a remov
 candidate) forces re-deciding the ranks below it, and since a given ingredient *set* always
 evaluates to the same number, evaluations are memoised by set. ``StreamingGreedy`` thus holds,
 after every ``add``, exactly ``batch_greedy`` of the candidates received so far.
+
+Trials that arrive together are best added together (``add_many``): placed by rank first,
+then decided in one walk, each rank at most once, instead of once per accepted newcomer
+above it.
 """
 
 from __future__ import annotations
@@ -207,18 +211,37 @@ class StreamingGreedy:
         rank moved are renumbered in ``decisions`` but not returned. If ``evaluate`` raises,
         the soup is left as it was before the call (memoised evaluations are kept).
         """
-        _check_candidate(c)
-        old = next((x for x in self._ranked if x.trial_id == c.trial_id), None)
-        if old == c:
+        return self.add_many([c])
+
+    def add_many(self, candidates: Iterable[Candidate]) -> list[Decision]:
+        """``add`` for several candidates at once (a later duplicate id replaces an earlier
+        one): all are placed by rank first, then the ranks below the best changed one are
+        decided once, so a rank is never decided twice in one call. The result equals
+        adding them one by one, in any order (Recipe 1 is a function of the set)."""
+        batch: dict[str, Candidate] = {}
+        for c in candidates:
+            _check_candidate(c)
+            batch[c.trial_id] = c
+        index = {x.trial_id: x for x in self._ranked}
+        new = [c for c in batch.values() if index.get(c.trial_id) != c]
+        if not new:
             return []
         saved = (list(self._ranked), dict(self._steps), dict(self._decisions))
         changed: dict[str, Decision] = {}
         try:
-            if old is not None:
-                changed.update(self._remove(old))
-            position = self._insert_position(c)
-            self._ranked.insert(position, c)
-            changed.update(self._redecide(position))
+            start = len(self._ranked)
+            for c in new:
+                old = index.get(c.trial_id)
+                if old is not None:  # the old version's decision goes; those below follow
+                    position = self._ranked.index(old)
+                    del self._ranked[position], self._steps[old.trial_id]
+                    del self._decisions[old.trial_id]
+                    start = min(start, position)
+            for c in new:
+                position = self._insert_position(c)
+                self._ranked.insert(position, c)
+                start = min(start, position)
+            changed.update(self._redecide(start))
         except BaseException:
             self._ranked, self._steps, self._decisions = saved
             raise
@@ -236,19 +259,12 @@ class StreamingGreedy:
                 hi = mid
         return lo
 
-    def _remove(self, old: Candidate) -> dict[str, Decision]:
-        position = self._ranked.index(old)
-        del self._ranked[position]
-        del self._steps[old.trial_id]
-        del self._decisions[old.trial_id]
-        return self._redecide(position)
-
     def _redecide(self, start: int) -> dict[str, Decision]:
-        """Walk down from ``start`` until a candidate sees the same soup as last time.
-
-        From that candidate on, every decision depends on an unchanged prefix (same soup
-        before it, same candidates below it), so only the ranks need renumbering.
-        """
+        """Walk down from ``start``, deciding again each candidate that does not see the
+        same soup as last time (a newcomer: its first decision). A candidate that does
+        keeps its decision, only renumbered: it depends on an unchanged prefix. The walk
+        costs no evaluation where nothing changed, so it always goes to the end (a batch
+        may have changed several places)."""
         changed: dict[str, Decision] = {}
         if start == 0:
             soup: _Key = frozenset()
@@ -256,26 +272,22 @@ class StreamingGreedy:
         else:
             previous = self._steps[self._ranked[start - 1].trial_id]
             soup, soup_acc = previous.after, previous.after_acc
-        rank = start
         for rank in range(start, len(self._ranked)):
             c = self._ranked[rank]
             step = self._steps.get(c.trial_id)
             if step is not None and step.before == soup and step.before_acc == soup_acc:
-                break
-            step = self._decide(c, soup, soup_acc)
-            self._steps[c.trial_id] = step
-            accepted = step.after != step.before
-            decision = Decision(
-                c.trial_id, rank, c.id_val_acc, accepted, len(step.after), step.after_acc
-            )
-            self._decisions[c.trial_id] = changed[c.trial_id] = decision
+                decision = self._decisions[c.trial_id]
+                if decision.rank != rank:  # never mutate a Decision already handed out
+                    self._decisions[c.trial_id] = replace(decision, rank=rank)
+            else:
+                step = self._decide(c, soup, soup_acc)
+                self._steps[c.trial_id] = step
+                accepted = step.after != step.before
+                decision = Decision(
+                    c.trial_id, rank, c.id_val_acc, accepted, len(step.after), step.after_acc
+                )
+                self._decisions[c.trial_id] = changed[c.trial_id] = decision
             soup, soup_acc = step.after, step.after_acc
-        else:
-            return changed
-        for below in range(rank, len(self._ranked)):
-            decision = self._decisions[self._ranked[below].trial_id]
-            if decision.rank != below:  # never mutate a Decision already handed out
-                self._decisions[decision.trial_id] = replace(decision, rank=below)
         return changed
 
     def _decide(self, c: Candidate, soup: _Key, soup_acc: float | None) -> _Step:

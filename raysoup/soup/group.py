@@ -178,17 +178,22 @@ class GroupSoup:
 
     def offer(self, offer: Offer) -> list[Decision]:
         """Add (or replace) a trial; returns the decisions made or re-made."""
-        if offer.group != self.key:
-            raise ValueError(f"trial {offer.trial_id!r} belongs to {offer.group}, not {self.key}")
-        previous = self.offers.get(offer.trial_id)
-        self.offers[offer.trial_id] = offer
+        return self.offer_many([offer])
+
+    def offer_many(self, offers: list[Offer]) -> list[Decision]:
+        """Add (or replace) several trials, decided together (``StreamingGreedy.add_many``);
+        returns the decisions made or re-made. On an error nothing is added."""
+        for offer in offers:
+            if offer.group != self.key:
+                raise ValueError(
+                    f"trial {offer.trial_id!r} belongs to {offer.group}, not {self.key}"
+                )
+        previous = dict(self.offers)
+        self.offers.update((offer.trial_id, offer) for offer in offers)
         try:
-            return self.greedy.add(offer.candidate)
+            return self.greedy.add_many([offer.candidate for offer in offers])
         except BaseException:
-            if previous is None:
-                del self.offers[offer.trial_id]
-            else:
-                self.offers[offer.trial_id] = previous
+            self.offers = previous
             raise
 
     @property

@@ -95,6 +95,7 @@ class SoupMaker:
         holdout_fraction: float = 0.2,
         device: str = "auto",
         max_models: int = 2,
+        logit_cache_mb: float = 256.0,
         methods: Sequence[str] = METHODS,
         persist: bool = True,
         log: Callable[[str], None] | None = None,
@@ -116,6 +117,7 @@ class SoupMaker:
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
         self.max_models = max_models
+        self.logit_cache_bytes = int(logit_cache_mb * 2**20)
         self.methods = tuple(m for m in METHODS if m in methods)
         self.persist = persist
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -125,6 +127,9 @@ class SoupMaker:
         self._final: dict[GroupKey, dict[str, str]] = {}
         self._data: dict[DataKey, GroupData] = {}
         self._evaluators: dict[GroupKey, SoupEvaluator] = {}
+        # Each trial's ensemble logits, computed when it arrives (while the sweep runs)
+        # rather than all at once when its group completes; bounded by logit_cache_mb.
+        self._logits: dict[tuple[GroupKey, Item], dict[str, torch.Tensor]] = {}
         self.n_evaluations = 0
         self.failed: dict[str, str] = {}  # trial id -> why it could not be souped
         if persist:
@@ -219,26 +224,26 @@ class SoupMaker:
     # ------------------------------------------------------------ offers
 
     def offer(self, offers: Iterable[Offer | Mapping[str, Any]]) -> list[GroupKey]:
-        """Add finished trials; returns the groups that changed."""
-        changed: list[GroupKey] = []
+        """Add finished trials; returns the groups that changed. The new trials of a group
+        are decided together (each rank at most once), whatever order they came in."""
+        batches: dict[GroupKey, dict[str, Offer]] = {}
         for item in offers:
             offer = item if isinstance(item, Offer) else Offer.from_dict(item)
             group = self.groups.get(offer.group) or self._new_group(offer.group, None)
             if group.offers.get(offer.trial_id) == offer:
                 continue  # already souped: an idempotent re-delivery
-            try:
-                decisions = self._offer_consistently(group, offer)
-            except (CheckpointError, OSError) as error:  # one bad trial must not stop the rest
-                self.failed[offer.trial_id] = str(error)
-                self.log(f"raysoup soup: could not soup trial {offer.trial_id!r}: {error}")
+            batches.setdefault(offer.group, {})[offer.trial_id] = offer
+        changed: list[GroupKey] = []
+        for key, batch in batches.items():
+            decisions = self._offer_batch(self.groups[key], list(batch.values()))
+            if decisions is None:
                 continue
-            self.failed.pop(offer.trial_id, None)
             stamp = _now()
-            at = self._decided_at.setdefault(offer.group, {})
+            at = self._decided_at.setdefault(key, {})
             for d in decisions:
                 at[d.trial_id] = [d.accepted, d.soup_size, d.soup_id_val_acc, stamp]
-            if offer.group not in changed:
-                changed.append(offer.group)
+            changed.append(key)
+            self._keep_logits(self.groups[key], batch)
         if changed:
             self._save()
         for key in changed:
@@ -251,19 +256,62 @@ class SoupMaker:
                 self.finalize_all_seeds(all_seeds)
         return changed
 
-    def _offer_consistently(self, group: GroupSoup, offer: Offer) -> list[Decision]:
-        """``group.offer``, re-reading any checkpoint found replaced since it was offered."""
-        decisions: list[Decision] = []
-        for _ in range(len(group.offers) + 3):
+    def _keep_logits(self, group: GroupSoup, batch: Mapping[str, Offer]) -> None:
+        """Compute and keep the ensemble logits of the batch's trials that joined the
+        group, while the budget lasts (the rest are computed when the group completes)."""
+        if "ensemble" not in self.methods:
+            return
+        for trial_id in batch:
+            offer = group.offers.get(trial_id)
+            if offer is None or offer.trial_id in self.failed:
+                continue
+            for cached in [k for k in self._logits if k[0] == group.key and k[1][0] == trial_id]:
+                del self._logits[cached]  # an earlier version of the trial
+            used = sum(t.nbytes for logits in self._logits.values() for t in logits.values())
+            if used >= self.logit_cache_bytes:
+                return
             try:
-                return decisions + group.offer(offer)
+                logits = self.evaluator(group.key).trial_logits(group.states.load(offer))
+            except (CheckpointError, OSError, StaleCheckpoint):
+                continue  # finalize loads it again, and says what is wrong
+            self._logits[(group.key, (offer.trial_id, offer.content_hash))] = logits
+
+    def _ensemble_logits(self, group: GroupSoup, offer: Offer) -> dict[str, torch.Tensor]:
+        cached = self._logits.get((group.key, (offer.trial_id, offer.content_hash)))
+        if cached is not None:
+            return cached
+        return self.evaluator(group.key).trial_logits(group.states.load(offer))
+
+    def _offer_batch(self, group: GroupSoup, batch: list[Offer]) -> list[Decision] | None:
+        """The batch's decisions; a trial that cannot be souped (unreadable or damaged
+        checkpoint) is logged and left out, never stopping the rest. ``None``: none added."""
+        try:
+            decisions = self._offer_consistently(group, batch)
+        except (CheckpointError, OSError) as error:
+            if len(batch) == 1:
+                offer = batch[0]
+                self.failed[offer.trial_id] = str(error)
+                self.log(f"raysoup soup: could not soup trial {offer.trial_id!r}: {error}")
+                return None
+            # which trial? one at a time (the group was left as it was)
+            results = [self._offer_batch(group, [offer]) for offer in batch]
+            if all(result is None for result in results):
+                return None
+            return [d for result in results if result for d in result]
+        for offer in batch:
+            self.failed.pop(offer.trial_id, None)
+        return decisions
+
+    def _offer_consistently(self, group: GroupSoup, batch: list[Offer]) -> list[Decision]:
+        """``group.offer_many``, re-reading any checkpoint found replaced since it was
+        offered (that trial's new version joins the batch)."""
+        for _ in range(len(group.offers) + len(batch) + 3):
+            try:
+                return group.offer_many(batch)
             except StaleCheckpoint as stale:
                 fresh = Offer.from_checkpoint(stale.offer.trial_id, stale.offer.checkpoint)
                 self.log(f"raysoup soup: {stale}; re-offering the new version")
-                if stale.offer.trial_id == offer.trial_id:
-                    offer = fresh
-                else:
-                    decisions += self._offer_consistently(group, fresh)
+                batch = [o for o in batch if o.trial_id != fresh.trial_id] + [fresh]
         raise RuntimeError(f"checkpoints of {group.key.slug} keep changing; is a trial running?")
 
     def refresh(self, key: GroupKey) -> None:
@@ -352,6 +400,8 @@ class SoupMaker:
             rows.append(row)
             self.log(f"raysoup soup: {describe(row)}")
         group.release()
+        for cached in [k for k in self._logits if k[0] == key]:
+            del self._logits[cached]
         return rows
 
     def finalize_all(self) -> list[dict[str, Any]]:
@@ -425,7 +475,8 @@ class SoupMaker:
                 test = self.evaluator(key).test_acc(group.states.load(best))
         elif method == "ensemble":  # rank order: the same sums whatever the arrival order
             ranked = group.ranked()
-            id_val, test = self.evaluator(key).ensemble_accs(group.states.load(o) for o in ranked)
+            logits = (self._ensemble_logits(group, o) for o in ranked)
+            id_val, test = self.evaluator(key).ensemble_accs(logits)
             self.n_evaluations += len(ranked)
             checkpoint = None
         else:
@@ -489,6 +540,7 @@ class SoupMaker:
                 "expected": len(self.expected.get(key, ())),
                 "greedy": group.greedy.ingredients,
                 "greedy_id_val_acc": group.greedy.soup_id_val_acc,
+                "greedy_evaluations": group.greedy.n_evaluations,
                 "final": sorted(self._final.get(key, {})),
             }
             for key, group in sorted(self.groups.items())

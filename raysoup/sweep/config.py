@@ -45,6 +45,7 @@ RUN_KNOBS = (
     "soup_cpus",
     "soup_gpus",
     "soup_max_models",
+    "soup_every_s",
 )
 # Version of sweep.json (a record without "version" predates the options above).
 RECORD_VERSION = 2
@@ -124,6 +125,11 @@ class SweepConfig:
     soup_cpus: float = option(0.0, help="CPUs reserved for the soup actor")
     soup_gpus: float = option(0.0, help="GPU share of the soup actor (it evaluates soups)")
     soup_max_models: int = option(2, help="full models the soup actor may cache in memory")
+    soup_every_s: float = option(
+        30.0,
+        help="seconds between the batches of finished trials the soup actor gets (a batch is "
+        "decided at once, each rank at most once); 0: every trial at once",
+    )
 
     def validate(self) -> SweepConfig:
         """Raise ``OptionsError`` naming the first impossible value; return self."""
@@ -165,6 +171,8 @@ class SweepConfig:
                 f"soup_cpus={self.soup_cpus}, soup_gpus={self.soup_gpus}, "
                 f"soup_max_models={self.soup_max_models}: expected values >= 0"
             )
+        if not self.soup_every_s >= 0:  # NaN too
+            raise OptionsError(f"soup_every_s={self.soup_every_s}: expected seconds >= 0")
         if self.max_failures < 0 or self.max_concurrent_trials < 0:
             raise OptionsError("max_failures and max_concurrent_trials must be >= 0")
         for name, choices in (("target_keep", KEEP), ("eval_schedule", EVAL_SCHEDULES)):

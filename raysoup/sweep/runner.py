@@ -519,7 +519,7 @@ def _run_with_ray(
         callbacks: list[tune.Callback] = []
         if targets:  # listening before any trial starts: a target may finish early
             soup = start_soup(root, config, targets)
-            callbacks = [SoupFeeder(actor_name(config.name, root))]
+            callbacks = [SoupFeeder(actor_name(config.name, root), every_s=config.soup_every_s)]
         failures = run_runs(
             SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan, missing=missing
         )

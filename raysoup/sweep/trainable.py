@@ -13,6 +13,11 @@ before an interruption but Tune had not recorded it), its stored metrics are rep
 again instead of retraining. The ``trials`` row is written from the checkpoint's
 metadata, keyed by the trial key, so a row is never duplicated.
 
+Tune hears of a trial's evaluations at most every ``PROGRESS_EVERY_S`` seconds (a report
+holds the trial until Tune's driver loop takes it, a real cost for short trials) and of
+its end with the final metrics and everything the soup actor needs; it gets no Tune
+checkpoint (the run's own checkpoint is the one copy).
+
 The checkpoint (``spec.out``) may be a URI: ``train_run`` publishes it there, and the
 ``checkpoint`` column holds that URI; read it back with
 ``raysoup.io.storage.local_checkpoint``.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +39,9 @@ if TYPE_CHECKING:
     from raysoup.io.checkpoint import CheckpointMeta
 
 SCALARS = (int, float, str, bool)
+# Seconds between a trial's progress reports to Tune (its evaluations in between are not
+# reported; the final result always is).
+PROGRESS_EVERY_S = 10.0
 HPARAM_COLUMNS = ("lr", "weight_decay", "batch_size", "resnet_dropout", "steps")
 
 
@@ -99,9 +108,15 @@ def run_trial(config: dict[str, Any]) -> None:
     if not reused and (cached := adopt_cached_base(spec)) is not None:
         print(f"raysoup: {run['key']}: copied from this node's cache: {cached}", file=sys.stderr)
     elif not reused:
+        last_report = [time.monotonic()]
 
         def progress(metrics: dict[str, Any]) -> None:
+            # Tune blocks the trial on each report until the driver's loop has taken it:
+            # a short trial reports only its final result, a long one every few seconds.
+            if time.monotonic() - last_report[0] < PROGRESS_EVERY_S:
+                return
             tune.report({**_scalars(metrics), "key": run["key"]})
+            last_report[0] = time.monotonic()
 
         try:
             train_run(spec, on_eval=progress)  # reseeds every generator it draws from
@@ -115,8 +130,9 @@ def run_trial(config: dict[str, Any]) -> None:
     ResultsStore(run["results"]).append("trials", [row], part_key=run["key"])
     # Everything the soup actor needs rides on the final result (see SoupFeeder).
     offer = {name: row[name] for name in (*OFFER_FIELDS, *GROUP_FIELDS) if name in row}
+    # Metrics only: the run's checkpoint (the ``checkpoint`` column) is the one copy; a
+    # Tune checkpoint would copy its bytes into Tune's storage once more for every trial.
     tune.report(
         {**_scalars(meta.metrics), **_scalars(offer), "stage": meta.stage, "key": run["key"]}
-        | {"reused": reused, "final": True},
-        checkpoint=tune.Checkpoint.from_directory(str(storage.local_checkpoint(spec.out))),
+        | {"reused": reused, "final": True}
     )
