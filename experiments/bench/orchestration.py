@@ -133,16 +133,14 @@ def run_target(root: Path, config: Any, runs: list[Any], with_soup: bool) -> dic
     """The timed target stage, exactly as ``run_sweep`` runs it (with or without soups)."""
     import ray
 
-    from raysoup.soup.actor import SoupFeeder, actor_name
-    from raysoup.sweep.runner import hand_over, run_runs, start_soup
+    from raysoup.sweep.runner import hand_over, run_runs, soup_feeder, start_soup
 
     started = time.perf_counter()
     if not with_soup:
         run_runs("target", runs, root, config)
         return {"wall_s": time.perf_counter() - started}
     soup = start_soup(root, config, runs)
-    # the actor's name as run_sweep gives it (a wrong one: every offer fails in the driver)
-    feeder = SoupFeeder(actor_name(config.name, root), every_s=config.soup_every_s)
+    feeder = soup_feeder(root, config)  # as run_sweep makes it
     run_runs("target", runs, root, config, callbacks=[feeder])
     stage_done = time.perf_counter()
     hand_over(soup, runs)

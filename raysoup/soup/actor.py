@@ -136,9 +136,6 @@ class SoupFeeder(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_actor": None, "_waiting": [], "_in_flight": None}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"every_s": 0.0, "_sent_at": -math.inf, **state})
-
     @property
     def waiting(self) -> list[str]:
         """Trial ids kept until the actor is done with the batch it has."""

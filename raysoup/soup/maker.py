@@ -129,7 +129,8 @@ class SoupMaker:
         self._evaluators: dict[GroupKey, SoupEvaluator] = {}
         # Each trial's ensemble logits, computed when it arrives (while the sweep runs)
         # rather than all at once when its group completes; bounded by logit_cache_mb.
-        self._logits: dict[tuple[GroupKey, Item], dict[str, torch.Tensor]] = {}
+        # (group, trial id) -> (content hash, logits per split)
+        self._logits: dict[tuple[GroupKey, str], tuple[str, dict[str, torch.Tensor]]] = {}
         self.n_evaluations = 0
         self.failed: dict[str, str] = {}  # trial id -> why it could not be souped
         if persist:
@@ -265,21 +266,20 @@ class SoupMaker:
             offer = group.offers.get(trial_id)
             if offer is None or offer.trial_id in self.failed:
                 continue
-            for cached in [k for k in self._logits if k[0] == group.key and k[1][0] == trial_id]:
-                del self._logits[cached]  # an earlier version of the trial
-            used = sum(t.nbytes for logits in self._logits.values() for t in logits.values())
+            self._logits.pop((group.key, trial_id), None)  # an earlier version of the trial
+            used = sum(t.nbytes for _, logits in self._logits.values() for t in logits.values())
             if used >= self.logit_cache_bytes:
                 return
             try:
                 logits = self.evaluator(group.key).trial_logits(group.states.load(offer))
             except (CheckpointError, OSError, StaleCheckpoint):
                 continue  # finalize loads it again, and says what is wrong
-            self._logits[(group.key, (offer.trial_id, offer.content_hash))] = logits
+            self._logits[(group.key, trial_id)] = (offer.content_hash, logits)
 
     def _ensemble_logits(self, group: GroupSoup, offer: Offer) -> dict[str, torch.Tensor]:
-        cached = self._logits.get((group.key, (offer.trial_id, offer.content_hash)))
-        if cached is not None:
-            return cached
+        content_hash, logits = self._logits.get((group.key, offer.trial_id), ("", {}))
+        if logits and content_hash == offer.content_hash:
+            return logits
         return self.evaluator(group.key).trial_logits(group.states.load(offer))
 
     def _offer_batch(self, group: GroupSoup, batch: list[Offer]) -> list[Decision] | None:

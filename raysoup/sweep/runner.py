@@ -519,7 +519,7 @@ def _run_with_ray(
         callbacks: list[tune.Callback] = []
         if targets:  # listening before any trial starts: a target may finish early
             soup = start_soup(root, config, targets)
-            callbacks = [SoupFeeder(actor_name(config.name, root), every_s=config.soup_every_s)]
+            callbacks = [soup_feeder(root, config)]
         failures = run_runs(
             SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan, missing=missing
         )
@@ -582,6 +582,11 @@ def start_soup(root: Location, config: SweepConfig, runs: list[PlannedRun]) -> A
     )
     hand_over(soup, runs)
     return soup
+
+
+def soup_feeder(root: Location, config: SweepConfig) -> SoupFeeder:
+    """The Tune callback that hands the sweep's finished target trials to its soup actor."""
+    return SoupFeeder(actor_name(config.name, root), every_s=config.soup_every_s)
 
 
 def soup_here(
