@@ -56,6 +56,8 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("eval_schedule: often\n", r"'eval_schedule'='often': expected one of \['reference'"),
         ("aux_lp: maybe\n", r"'aux_lp'='maybe': expected true or false"),
         ("lp_per_trial_seed: 1\n", r"'lp_per_trial_seed'=1: expected true or false"),
+        ("soup_every_s: -1\n", r"soup_every_s=-1.0: expected seconds >= 0"),
+        ("soup_every_s: .nan\n", r"soup_every_s=nan: expected seconds >= 0"),
     ],
 )
 def test_bad_configs_are_rejected_with_a_clear_message(tmp_path, yaml_text, message) -> None:
