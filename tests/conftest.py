@@ -12,6 +12,24 @@ from pathlib import Path
 
 import pytest
 
+# The first built-in benchmark at its old quickstart size (the quickstart itself is the
+# nuisance benchmark's): the sweep most tests plan and run (a small CNN, a base stage).
+MINIROTATED: dict = {
+    "dataset": "MiniRotatedMNIST",
+    "test_envs": [5],
+    "aux_datasets": ["AuxRotationFlip", "AuxRecolourMod5", "AuxNoiseSubpop"],
+    "n_hparams": 3,
+    "aux_n_hparams": 1,
+}
+
+
+def minirotated(**overrides: object) -> object:
+    """``load_config(None, ...)`` of the MiniRotatedMNIST sweep, validated."""
+    from raysoup.sweep.config import load_config
+
+    return load_config(None, **{**MINIROTATED, **overrides})
+
+
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
 

@@ -20,6 +20,7 @@ SCRIPTS = (
     "method_table",
     "trainer_throughput",
     "sweep_overhead",
+    "soup_regimes",
 )
 
 
@@ -209,3 +210,50 @@ def test_sweep_overhead_times_a_real_sweep_and_its_runs_alone(
     assert row["runs"] == 2 and row["sweep"] == "tiny"
     assert 0 < row["lower_bound_s"] <= row["plan_order_s"] <= row["work_s"]
     assert row["wall_s"] > 0
+
+
+def test_soup_regimes_runs_both_studies_on_tiny_runs(tmp_path, capsys) -> None:
+    module = _load("soup_regimes")
+    work, steps_out, regimes_out = tmp_path / "w", tmp_path / "s.parquet", tmp_path / "r.parquet"
+    tiny = ["--workdir", str(work), "--lp-steps", "2", "--workers", "1"]
+    steps = ["--lrs", "1e-3", "3e-3", "--runs", "2", "--steps", "4"]
+    assert module.main(["steps", *tiny, *steps, "--out", str(steps_out)]) == 0
+    curve = pd.read_parquet(steps_out)
+    assert sorted(set(curve.lr)) == [1e-3, 3e-3] and sorted(set(curve.step)) == [1, 4]
+    assert "plateau" in capsys.readouterr().out
+    regimes = ["--factors", "default", "--n", "3", "--seeds", "0", "1", "--target-steps", "4"]
+    args = ["regimes", *tiny, *regimes, "--out", str(regimes_out), "--plot", str(tmp_path)]
+    assert module.main(args) == 0
+    rows = pd.read_parquet(regimes_out)
+    assert list(rows.trial_seed) == [0, 1] and set(rows.factor) == {"default"}
+    assert (rows.greedy_n >= 1).all() and (rows.greedy_n <= 3).all()
+    # ERM is the best run by ID-val; greedy starts from it and never scores below on ID-val
+    assert (rows.greedy_id_val_acc >= rows.erm_id_val_acc).all()
+    assert (tmp_path / "soup_regimes.png").stat().st_size > 0
+    assert "uniform - erm" in capsys.readouterr().out
+    # by-lr: a sweep's groups split by lr, here the steps study's 4 runs as one sweep's
+    from raysoup.io.checkpoint import read_meta
+    from raysoup.results.store import ResultsStore
+
+    runs = sorted(work.glob("runs/*-lr*/s0/h*[0-9]"))
+    assert len(runs) == 4
+    rows = []
+    for run in runs:
+        meta = read_meta(run)
+        rows.append(
+            {
+                "sweep": "s", "stage": "target", "trial_id": run.parent.parent.name + run.name,
+                "dataset": meta.dataset, "test_env": meta.test_env, "trial_seed": 0,
+                "init": "pretrained", "lr": meta.hparams["lr"], "status": "done",
+                "id_val_acc": meta.metrics["id_val_acc"], "test_acc": meta.metrics["test_acc"],
+                "checkpoint": str(run),
+            }
+        )  # fmt: skip
+    ResultsStore(tmp_path / "sweep" / "results").append("trials", rows, part_key="all")
+    by_lr_out = tmp_path / "b.parquet"
+    assert module.main(["by-lr", "--sweep", str(tmp_path / "sweep"), "--out", str(by_lr_out)]) == 0
+    split = pd.read_parquet(by_lr_out).set_index("label")
+    assert sorted(split.index) == ["0.001", "0.003", "all"]
+    assert list(split.n_runs.loc[["all", "0.001", "0.003"]]) == [4, 2, 2]
+    # the best run of all is the best of its lr's
+    assert split.erm_id_val_acc["all"] == split.erm_id_val_acc[["0.001", "0.003"]].max()

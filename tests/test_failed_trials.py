@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import local_ray_with_cache
+from conftest import local_ray_with_cache, minirotated
 
 from raysoup.cli import main
 from raysoup.data.builtin import BUILTIN_AUXILIARY, BUILTIN_TARGET
@@ -18,7 +18,6 @@ from raysoup.models.foundation import foundation_dir
 from raysoup.results import load_results
 from raysoup.results.schema import validate_rows
 from raysoup.soup.group import GroupKey
-from raysoup.sweep.config import load_config
 from raysoup.sweep.plan import aux_key, plan_sweep
 from raysoup.sweep.runner import (
     EXIT_TRIALS_FAILED,
@@ -67,8 +66,7 @@ def test_a_diverging_lr_fails_the_run_naming_step_and_loss(tmp_path: Path) -> No
 
 
 def _plan(tmp_path: Path, **overrides):
-    config = load_config(
-        None,
+    config = minirotated(
         n_hparams=2,
         inits=["pretrained", "ratatouille"],
         aux_datasets=[AUX],
@@ -215,7 +213,7 @@ def test_a_failing_trial_leaves_soups_of_the_rest_then_a_rerun_retries_it_alone(
         "aux_lp": False,
         "max_failures": 1,
     }
-    config = load_config(None, **values)
+    config = minirotated(**values)
     root = tmp_path / "failing"
     aux = root / "checkpoints" / "aux" / aux_key(AUX, 0)
     # ratatouille h1 picks aux run 0 (h0 picks the pretrained featurizer): it alone fails

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import minirotated
 from ray.tune.search import Searcher
 
 from raysoup.sweep.config import load_config
@@ -76,10 +77,13 @@ def test_searcher_state_is_readable_json(tmp_path: Path) -> None:
     assert state == {"done": [], "failed": ["a"], "blocked": {"b": "a"}, "running": []}
 
 
-def test_the_quickstart_plan_needs_no_barrier(tmp_path: Path) -> None:
-    """On the real plan: every dependency is an earlier run (plan order is a valid start
-    order), and the pretrained targets need only their LP head, not the auxiliary runs."""
-    plan = plan_sweep(load_config(None, n_hparams=2), tmp_path)
+@pytest.mark.parametrize("sweep", ["quickstart", "minirotated"])
+def test_the_quickstart_plan_needs_no_barrier(sweep: str, tmp_path: Path) -> None:
+    """On the real plans (the quickstart's: no base; MiniRotatedMNIST's: a base run): every
+    dependency is an earlier run (plan order is a valid start order), and the pretrained
+    targets need only their LP head, not the auxiliary runs."""
+    config = load_config(None) if sweep == "quickstart" else minirotated(n_hparams=2)
+    plan = plan_sweep(config, tmp_path)
     runs = [run for stage_runs in plan.values() for run in stage_runs]
     position = {run.key: i for i, run in enumerate(runs)}
     waits = {run.key: dependencies(run, plan) for run in runs}

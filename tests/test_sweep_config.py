@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import minirotated
 
 from raysoup.io.checkpoint import CheckpointMeta, save_checkpoint
 from raysoup.options import OptionsError
@@ -71,22 +72,22 @@ def test_missing_config_file(tmp_path) -> None:
 
 
 def test_fingerprint_changes_with_what_is_computed(tmp_path) -> None:
-    a = load_config(None)
-    assert a.fingerprint() == load_config(None).fingerprint()
-    assert a.fingerprint() == load_config(None, max_concurrent_trials=2).fingerprint()
-    assert a.fingerprint() == load_config(None, reuse_workers=False).fingerprint()
-    assert a.fingerprint() != load_config(None, n_hparams=4).fingerprint()
+    a = minirotated()
+    assert a.fingerprint() == minirotated().fingerprint()
+    assert a.fingerprint() == minirotated(max_concurrent_trials=2).fingerprint()
+    assert a.fingerprint() == minirotated(reuse_workers=False).fingerprint()
+    assert a.fingerprint() != minirotated(n_hparams=4).fingerprint()
     for switch in ({"target_keep": "last"}, {"aux_lp": False}, {"lp_per_trial_seed": True}):
-        assert a.fingerprint() != load_config(None, **switch).fingerprint(), switch
-    assert a.fingerprint() != load_config(None, eval_schedule="multiples").fingerprint()
+        assert a.fingerprint() != minirotated(**switch).fingerprint(), switch
+    assert a.fingerprint() != minirotated(eval_schedule="multiples").fingerprint()
     assert (
         load_config(_write(tmp_path, "n_hparams: 4\naux_n_hparams: 1\n")).fingerprint()
-        == load_config(None, n_hparams=4).fingerprint()
+        == minirotated(n_hparams=4).fingerprint()
     )
 
 
 def test_plan_covers_every_stage_with_stable_keys(tmp_path) -> None:
-    config = load_config(None, n_hparams=2, trial_seeds=[0, 1], test_envs=[0, 5])
+    config = minirotated(n_hparams=2, trial_seeds=[0, 1], test_envs=[0, 5])
     plan = plan_sweep(config, tmp_path)
     assert list(plan) == ["base", "lp", "aux", "target"]
     assert len(plan["aux"]) == 3 * 1  # the quickstart's aux_n_hparams (a config file: 4)
@@ -114,8 +115,7 @@ def test_plan_covers_every_stage_with_stable_keys(tmp_path) -> None:
         assert run.spec.get("keep") is None  # aux runs keep their last step
     # the switches back
     per_seed = plan_sweep(
-        load_config(
-            None,
+        minirotated(
             n_hparams=2,
             trial_seeds=[0, 1],
             test_envs=[0, 5],
@@ -132,7 +132,7 @@ def test_plan_covers_every_stage_with_stable_keys(tmp_path) -> None:
     assert target["lp_head"] == tmp_path / "checkpoints/lp/lp-MiniRotatedMNIST-e5-s1"
     assert target["lp_per_trial_seed"] and target["keep"] == "last"
     assert all(run.spec["lp_head"] is None for run in per_seed["aux"])
-    pretrained_only = plan_sweep(load_config(None, inits=["pretrained"]), tmp_path)
+    pretrained_only = plan_sweep(minirotated(inits=["pretrained"]), tmp_path)
     assert "aux" not in pretrained_only and len(pretrained_only["lp"]) == 1
 
 
@@ -162,7 +162,7 @@ def test_a_sweep_recorded_before_the_reference_defaults_resumes_as_it_began(
     root = tmp_path / "legacy"
     root.mkdir()
     (root / "sweep.json").write_text(json.dumps(LEGACY_RECORD))
-    today = load_config(None, name="legacy", n_hparams=2, trial_seeds=[0, 1])
+    today = minirotated(name="legacy", n_hparams=2, trial_seeds=[0, 1])
     config = record_config(root, today)  # the same command as then: it resumes
     assert "recorded by an earlier raysoup" in capsys.readouterr().err
     assert (config.target_keep, config.eval_schedule) == ("last", "multiples")
@@ -174,12 +174,12 @@ def test_a_sweep_recorded_before_the_reference_defaults_resumes_as_it_began(
     assert {run.spec["keep"] for run in plan["target"]} == {"last"}
     assert json.loads((root / "sweep.json").read_text()) == LEGACY_RECORD  # not rewritten
     with pytest.raises(OptionsError, match=r"different config \(changed: \['n_hparams'\]"):
-        record_config(root, load_config(None, name="legacy", n_hparams=3, trial_seeds=[0, 1]))
+        record_config(root, minirotated(name="legacy", n_hparams=3, trial_seeds=[0, 1]))
     # a new sweep records its version and resumes with today's defaults
     fresh = tmp_path / "fresh"
     assert record_config(fresh, today) == today
     assert json.loads((fresh / "sweep.json").read_text())["version"] == 2
-    assert record_config(fresh, load_config(None, name="legacy", n_hparams=2, trial_seeds=[0, 1]))
+    assert record_config(fresh, minirotated(name="legacy", n_hparams=2, trial_seeds=[0, 1]))
     with pytest.raises(OptionsError, match=r"changed: \['target_keep'\]"):
         record_config(fresh, dataclasses.replace(today, target_keep="last"))
 
@@ -207,8 +207,8 @@ def test_a_target_sweep_borrows_only_its_aux_datasets_from_a_pool(tmp_path) -> N
     for aux in pool.aux_datasets:
         _fake_checkpoint(checkpoint_path(pool_root, "aux", f"aux-{aux}-h0"))
     _fake_checkpoint(checkpoint_path(pool_root, "base", "base"))
-    borrowing = load_config(
-        None, aux_pool=str(pool_root), aux_datasets=pool.aux_datasets[:2], aux_n_hparams=1
+    borrowing = minirotated(
+        aux_pool=str(pool_root), aux_datasets=pool.aux_datasets[:2], aux_n_hparams=1
     )
     plan = plan_sweep(borrowing, tmp_path / "target")
     assert list(plan) == ["lp", "target"]  # the pool's base and aux runs are reused
@@ -219,9 +219,21 @@ def test_a_target_sweep_borrows_only_its_aux_datasets_from_a_pool(tmp_path) -> N
     ]
     assert ratatouille["pretrained"] == checkpoint_path(pool_root, "base", "base")
     with pytest.raises(OptionsError, match=r"lacks auxiliary run\(s\) \['aux-AuxRotationFlip-h1'"):
-        plan_sweep(load_config(None, aux_pool=str(pool_root), aux_n_hparams=2), tmp_path)
+        plan_sweep(minirotated(aux_pool=str(pool_root), aux_n_hparams=2), tmp_path)
     other_arch = SweepConfig(aux_pool=pool_root, arch="resnet18", aux_n_hparams=1).validate()
     with pytest.raises(
         OptionsError, match="trained with arch=None, this sweep has arch='resnet18'"
     ):
         plan_sweep(other_arch, tmp_path)
+
+
+def test_the_quickstart_is_the_nuisance_benchmark(tmp_path) -> None:
+    config = load_config(None)
+    assert (config.dataset, config.test_envs, config.trial_seeds) == ("NuisanceMNIST", [2], [0])
+    # every auxiliary dataset is used by ratatouille's reference choice as often
+    assert config.n_hparams % (len(config.aux_datasets) + 1) == 0
+    plan = plan_sweep(config, tmp_path)
+    assert list(plan) == ["lp", "aux", "target"]  # the shipped foundation: no base stage
+    assert len(plan["target"]) == config.n_hparams * 3 and len(plan["aux"]) == 3
+    # a config file starts from SweepConfig's defaults, not the quickstart's
+    assert load_config(_write(tmp_path, "name: x\n")).dataset == "MiniRotatedMNIST"

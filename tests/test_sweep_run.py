@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
-from conftest import local_ray_with_cache
+from conftest import local_ray_with_cache, minirotated
 from ray import tune
 
 from raysoup.cli import main
@@ -14,7 +14,6 @@ from raysoup.io import storage
 from raysoup.io.checkpoint import is_checkpoint, load_checkpoint
 from raysoup.options import OptionsError
 from raysoup.results import load_results
-from raysoup.sweep.config import load_config
 from raysoup.sweep.runner import run_sweep
 
 pytestmark = pytest.mark.slow
@@ -28,8 +27,7 @@ def local_ray(s3_endpoint, tmp_path_factory):
 
 
 def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> None:
-    config = load_config(
-        None,
+    config = minirotated(
         steps=40,
         aux_steps=20,
         lp_stage_steps=20,
@@ -87,7 +85,7 @@ def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> No
     assert (tmp_path / "methods.png").stat().st_size > 0
     assert (tmp_path / "soup_progress.png").stat().st_size > 0
     with pytest.raises(OptionsError, match="different config"):
-        run_sweep(load_config(None, steps=41, aux_steps=20, lp_stage_steps=20), tmp_path)
+        run_sweep(minirotated(steps=41, aux_steps=20, lp_stage_steps=20), tmp_path)
 
 
 def _files(location: storage.Location) -> dict[str, object]:
@@ -103,8 +101,7 @@ def _files(location: storage.Location) -> dict[str, object]:
 
 def test_sweep_on_s3_then_resume(local_ray, s3_bucket, capfd) -> None:
     aux = BUILTIN_AUXILIARY[0]
-    config = load_config(
-        None,
+    config = minirotated(
         name="s3sweep",
         steps=20,
         aux_steps=20,

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import minirotated
 
 from raysoup.io import checkpoint as ckpt
 from raysoup.io import storage
@@ -32,7 +33,6 @@ from raysoup.io.checkpoint import (
 from raysoup.io.pool import source_inside
 from raysoup.io.validate import MAX_META_BYTES
 from raysoup.models.foundation import foundation_dir
-from raysoup.sweep.config import load_config
 from raysoup.sweep.plan import check_aux_pool, checkpoint_path
 from raysoup.sweep.runner import record_config
 from raysoup.training import inits
@@ -366,10 +366,10 @@ def test_source_inside_a_remote_pool(source: str, inside: bool) -> None:
 
 def test_planning_refuses_a_borrowed_pool_before_any_trial(tmp_path: Path) -> None:
     pool_root = tmp_path / "pool"
-    pool = load_config(None, name="pool", dataset=None)
+    pool = minirotated(name="pool")
     record_config(pool_root, pool)
     aux = pool.aux_datasets[0]
-    borrowing = load_config(None, aux_pool=str(pool_root), aux_datasets=[aux], aux_n_hparams=1)
+    borrowing = minirotated(aux_pool=str(pool_root), aux_datasets=[aux], aux_n_hparams=1)
     ck = checkpoint_path(pool_root, "aux", f"aux-{aux}-h0")
     _save(ck, dataset=aux)
     assert check_aux_pool(borrowing) == [ck]

@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import local_ray_with_cache
+from conftest import local_ray_with_cache, minirotated
 from ray import tune
 from safetensors.torch import load_file
 
 from raysoup.io.checkpoint import WEIGHTS_FILE, read_meta
 from raysoup.results import load_results
-from raysoup.sweep.config import load_config
 from raysoup.sweep.plan import plan_sweep
 from raysoup.sweep.runner import fit_staging, run_sweep
 from raysoup.sweep.schedule import PlanSearcher
@@ -41,8 +40,7 @@ def local_ray(tmp_path_factory):
 def test_one_worker_runs_every_stage_and_matches_a_fresh_process(
     local_ray, tmp_path: Path, base_checkpoint: Path
 ) -> None:
-    config = load_config(
-        None,
+    config = minirotated(
         name="reuse",
         inits=["pretrained"],
         n_hparams=2,

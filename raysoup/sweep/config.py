@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from raysoup.data.builtin import BUILTIN_AUXILIARY, BUILTIN_TARGET
+from raysoup.data.nuisance import NUISANCE_AUXILIARY, NUISANCE_TARGET
 from raysoup.data.registry import dataset_class
 from raysoup.models.networks import ARCHS
 from raysoup.options import OptionsError, from_mapping, option
@@ -341,9 +342,18 @@ def config_from_record(record: dict[str, Any], where: str = "sweep.json") -> Swe
     return from_mapping(SweepConfig, values, where)
 
 
-# The built-in quickstart (no config file) is a first look that must stay quick: one
-# auxiliary run per auxiliary dataset instead of the reference's 4.
-QUICKSTART: dict[str, Any] = {"aux_n_hparams": 1}
+# The built-in quickstart (no config file): the nuisance benchmark, where soups pay, at a
+# first look's size: one test env (2, the tuning case of experiments/bench/
+# soup_regimes.py), 4 hparams seeds (the 3 auxiliary datasets + 1, so ratatouille's
+# reference choice uses each auxiliary dataset) and one auxiliary run per auxiliary
+# dataset instead of the reference's 4. A config file starts from SweepConfig's defaults.
+QUICKSTART: dict[str, Any] = {
+    "dataset": NUISANCE_TARGET,
+    "test_envs": [2],
+    "aux_datasets": list(NUISANCE_AUXILIARY),
+    "n_hparams": 4,
+    "aux_n_hparams": 1,
+}
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> SweepConfig:
