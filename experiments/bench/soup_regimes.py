@@ -228,6 +228,19 @@ def group_soups(paths: Sequence[Path]) -> dict[str, Any]:
     }
 
 
+def soup_columns(soups: dict[str, Any]) -> dict[str, Any]:
+    """The columns of one group's row that ``group_soups`` gives (runs, greedy size, and
+    the ID-val and test accuracy of each method)."""
+    columns: dict[str, Any] = {
+        "runs_id_val_mean": statistics.fmean(soups["runs_id_val"]),
+        "runs_test_mean": statistics.fmean(soups["runs_test"]),
+        "greedy_n": soups["greedy_n"],
+    }
+    for method in METHODS:
+        columns[f"{method}_id_val_acc"], columns[f"{method}_test_acc"] = soups[method]
+    return columns
+
+
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and DomainBed's SE (std / sqrt(n), population std) in points."""
     values = [100 * v for v in values]
@@ -327,12 +340,8 @@ def regimes_study(args: Any) -> int:
                 "n_runs": args.n,
                 "lp_id_val_acc": lp["id_val_acc"],
                 "lp_test_acc": lp["test_acc"],
-                "runs_id_val_mean": statistics.fmean(soups["runs_id_val"]),
-                "runs_test_mean": statistics.fmean(soups["runs_test"]),
-                "greedy_n": soups["greedy_n"],
+                **soup_columns(soups),
             }
-            for method in METHODS:
-                row[f"{method}_id_val_acc"], row[f"{method}_test_acc"] = soups[method]
             rows.append(row)
             print(f"{case.factor} {case.label} seed {seed}: " + ", ".join(
                 f"{m} {100 * soups[m][1]:.1f}" for m in METHODS), file=sys.stderr)  # fmt: skip
@@ -364,12 +373,8 @@ def by_lr_study(args: Any) -> int:
                 "n_runs": len(runs),
                 "lp_id_val_acc": math.nan,
                 "lp_test_acc": math.nan,
-                "runs_id_val_mean": statistics.fmean(soups["runs_id_val"]),
-                "runs_test_mean": statistics.fmean(soups["runs_test"]),
-                "greedy_n": soups["greedy_n"],
+                **soup_columns(soups),
             }
-            for method in METHODS:
-                row[f"{method}_id_val_acc"], row[f"{method}_test_acc"] = soups[method]
             rows.append(row)
     print(format_table(summary(rows), SUMMARY_COLUMNS))
     print(f"rows: {write_rows(rows, args.out)}")
