@@ -11,6 +11,7 @@ from ray.tune.search import Searcher
 
 from raysoup.sweep.config import load_config
 from raysoup.sweep.plan import dependencies, plan_sweep
+from raysoup.sweep.runner import trial_slots
 from raysoup.sweep.schedule import PlanSearcher, RunQueue
 
 # A small sweep's shape: LP <- targets; aux1, aux2 <- ratatouille target.
@@ -122,3 +123,20 @@ def test_ideal_schedules_respect_dependencies_and_slots() -> None:
         critical_path({"a": 1.0, "b": 1.0}, {"a": ["b"], "b": ["a"]})
     with pytest.raises(ValueError, match="slots=0"):
         plan_order_makespan(order, work, waits, slots=0)
+
+
+@pytest.mark.parametrize(
+    ("resources", "overrides", "expected"),
+    [
+        ({"CPU": 2.0}, {}, 2),
+        ({"CPU": 16.0, "GPU": 1.0}, {"gpus_per_trial": 0.45}, 2),
+        ({"CPU": 16.0}, {"max_concurrent_trials": 3}, 3),
+        ({"CPU": 3.0}, {"cpus_per_trial": 2.0}, 1),
+        ({"CPU": 1.0}, {"cpus_per_trial": 2.0}, 1),  # never 0: Tune must still stage one
+        ({"CPU": 0.9999999999}, {}, 1),
+    ],
+)
+def test_trial_slots_count_what_fits_side_by_side(
+    resources: dict[str, float], overrides: dict, expected: int
+) -> None:
+    assert trial_slots(minirotated(**overrides), resources) == expected

@@ -28,6 +28,7 @@ every file goes through ``raysoup.io.storage``, and Tune gets the same filesyste
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -312,16 +313,29 @@ def _trial_keys(path: str, filesystem: Any = None) -> dict[str, str]:
 MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG"
 
 
-def fit_staging(tuner: tune.Tuner, n_trials: int) -> tune.ResultGrid:
-    """``tuner.fit()``, letting Tune stage up to ``n_trials`` trials (at most 200, a grid
-    search's default) at once. With a custom searcher Tune stages one trial at a time by
-    default, which runs the trials one after another whatever the free slots;
-    ``PlanSearcher`` hands out only runs that can start, so staging them all is safe.
-    A ``TUNE_MAX_PENDING_TRIALS_PG`` set by the user is left as it is."""
+def trial_slots(config: SweepConfig, resources: Mapping[str, float]) -> int:
+    """How many trials of ``config`` fit side by side on a cluster with ``resources``
+    (``ray.cluster_resources()``), capped by ``max_concurrent_trials``; at least 1."""
+    slots = math.floor(resources.get("CPU", 0.0) / config.cpus_per_trial + 1e-9)
+    if config.gpus_per_trial > 0:
+        slots = min(slots, math.floor(resources.get("GPU", 0.0) / config.gpus_per_trial + 1e-9))
+    if config.max_concurrent_trials:
+        slots = min(slots, config.max_concurrent_trials)
+    return max(1, slots)
+
+
+def fit_staging(tuner: tune.Tuner, depth: int) -> tune.ResultGrid:
+    """``tuner.fit()``, letting Tune stage up to ``depth`` trials (at most 200) ahead.
+    With a custom searcher Tune stages one trial at a time by default, which runs the
+    trials one after another whatever the free slots. Tune starts staged trials in the
+    order they were staged, so staging every ready run would make a run that becomes
+    ready later (an auxiliary run, which unblocks many targets) wait behind all of them:
+    ``depth`` = the number of slots keeps ``PlanSearcher``'s order. A
+    ``TUNE_MAX_PENDING_TRIALS_PG`` set by the user is left as it is."""
     before = os.environ.get(MAX_PENDING)
     if before not in (None, "auto"):
         return tuner.fit()
-    os.environ[MAX_PENDING] = str(max(1, min(n_trials, 200)))
+    os.environ[MAX_PENDING] = str(max(1, min(depth, 200)))
     try:
         return tuner.fit()
     finally:
@@ -369,7 +383,8 @@ def _fit(
             verbose=1,
         ),
     )
-    grid = fit_staging(tuner, len(runs))
+    slots = trial_slots(config, ray.cluster_resources())
+    grid = fit_staging(tuner, min(len(runs), slots))
     blocked = dict(searcher.queue.blocked)
     if not grid.errors:
         return {}, blocked
