@@ -35,13 +35,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from raysoup.io import storage
+from raysoup.io.layout import SweepLayout
 from raysoup.options import OptionsError, from_mapping
 from raysoup.results import load_results, sweep_table
 from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import SweepConfig
 from raysoup.sweep.plan import plan_sweep
-from raysoup.sweep.runner import experiment_root
 from raysoup.sweep.script_options import (
     DATASETS,
     add_run_options,
@@ -163,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = build_config(args)
-        plan_sweep(config, experiment_root(args.storage, config.name))  # checks --aux-pool
+        plan_sweep(config, SweepLayout.of(args.storage, config.name).root)  # checks --aux-pool
     except OptionsError as error:
         parser.error(str(error))  # exit code 2, before Ray starts
     connect(args.address)
     root, code = run_sweep_for_script(parser, config, args.storage)  # 3: runs failed
     print(sweep_table(load_results(root), dataset=config.dataset))
-    print(f"results: {storage.join(root, 'results')}")  # root is a URI string on s3://
+    print(f"results: {SweepLayout(root).results}")  # root is a URI string on s3://
     return code
 
 

@@ -51,25 +51,25 @@ def _config_name(path: str | None, name: str | None) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from raysoup.io import storage
+    from raysoup.io.layout import SweepLayout
     from raysoup.sweep.lease import SweepLease
 
     name = _config_name(args.config, args.name)
     if name is not None:
         # A second driver is told at once, before the imports of torch and Ray below.
         try:
-            SweepLease(storage.join(storage.resolve(args.storage), name)).check()
+            SweepLease(SweepLayout.of(args.storage, name).root).check()
         except OSError:
             pass  # an unusable storage: run_sweep's check says what is wrong with it
 
     from raysoup.results import load_results, sweep_table
     from raysoup.sweep.config import load_config
-    from raysoup.sweep.runner import RESULTS, run_sweep_status
+    from raysoup.sweep.runner import run_sweep_status
 
     config = load_config(args.config, name=args.name)  # validated before Ray starts
     root, code = run_sweep_status(config, args.storage)  # code 3: some runs failed
     print(sweep_table(load_results(root), dataset=config.dataset))
-    print(f"results: {storage.join(root, RESULTS)}")
+    print(f"results: {SweepLayout(root).results}")
     return code
 
 

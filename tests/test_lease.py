@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from raysoup.io import storage
+from raysoup.io.layout import LEASE as LEASE_FILE
 from raysoup.sweep.lease import (
-    LEASE_FILE,
     Lease,
     LeaseHeldError,
     LeaseLostError,

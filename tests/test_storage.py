@@ -20,11 +20,11 @@ from raysoup.io.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from raysoup.io.layout import SweepLayout
 from raysoup.options import from_mapping
 from raysoup.results import ResultsStore, load_results
 from raysoup.sweep.config import load_config
 from raysoup.sweep.plan import plan_sweep
-from raysoup.sweep.runner import experiment_root
 from raysoup.training import inits
 from raysoup.training.trainer import RunSpec
 
@@ -97,8 +97,8 @@ def test_uris_are_never_mangled_into_paths(tmp_path: Path) -> None:
         storage.exists("bogus://x/runs")
     assert storage.join(tmp_path, "a", "b") == tmp_path / "a" / "b"
     assert storage.resolve(f"file://{tmp_path}") == tmp_path.resolve()
-    assert experiment_root("s3://b/runs/", "n") == "s3://b/runs/n"
-    assert experiment_root(tmp_path / "x" / "..", "n") == tmp_path.resolve() / "n"
+    assert SweepLayout.of("s3://b/runs/", "n").root == "s3://b/runs/n"
+    assert SweepLayout.of(tmp_path / "x" / "..", "n").root == tmp_path.resolve() / "n"
     spec = from_mapping(
         RunSpec,
         {"dataset": "D", "out": "s3://b/o", "aux_dir": ["s3://b/aux", "rel"], "lp_head": "lp"},

@@ -12,6 +12,7 @@ from raysoup.cli import main
 from raysoup.data.builtin import BUILTIN_AUXILIARY
 from raysoup.io import storage
 from raysoup.io.checkpoint import is_checkpoint, load_checkpoint
+from raysoup.io.layout import ENTRIES
 from raysoup.options import OptionsError
 from raysoup.results import load_results
 from raysoup.sweep.runner import run_sweep
@@ -37,6 +38,8 @@ def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> No
         aux_lp=False,  # the aux LP runs in test_sweep_on_s3_then_resume (saves 3 trials here)
     )
     root = run_sweep(config, tmp_path)
+    named = {pattern.split("/")[0] for pattern, _ in ENTRIES}
+    assert {p.name for p in root.iterdir()} <= named  # nothing outside the layout
     trials = load_results(root)["trials"]
     target = trials[trials.stage == "target"]
     assert len(target) == 2 * 3 and target.trial_id.is_unique

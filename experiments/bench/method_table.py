@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from raysoup.io import storage
+    from raysoup.io.layout import SweepLayout
     from raysoup.options import OptionsError
     from raysoup.results import format_table, load_results
     from raysoup.sweep.config import load_config
-    from raysoup.sweep.runner import experiment_root, read_config
+    from raysoup.sweep.runner import read_config
     from raysoup.sweep.script_options import run_sweep_for_script
 
     wall = math.nan
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, name=args.name)
         except OptionsError as error:
             parser.error(str(error))
-        resumed = (experiment_root(args.storage, config.name) / "sweep.json").is_file()
+        resumed = storage.exists(SweepLayout.of(args.storage, config.name).record)
         started = time.perf_counter()
         root, code = run_sweep_for_script(parser, config, args.storage)  # 3: runs failed
         wall = time.perf_counter() - started

@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 
 from raysoup.io import storage
 from raysoup.io.atomic import fsync_dir
+from raysoup.io.layout import RESULTS, SweepLayout
 from raysoup.results.schema import KINDS, _check_kind, schema, validate_rows
 
-RESULTS_DIR = "results"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 READ_ATTEMPTS = 3
@@ -228,7 +228,7 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
     ``results/`` folder (a local path or a URI)."""
     fs, inner = _filesystem(path)
     text = os.fspath(path).rstrip("/")
-    has_results = fs.get_file_info(f"{inner}/{RESULTS_DIR}").type == pafs.FileType.Directory
+    has_results = fs.get_file_info(f"{inner}/{RESULTS}").type == pafs.FileType.Directory
     has_kinds = any(
         fs.get_file_info(f"{inner}/{kind}").type == pafs.FileType.Directory for kind in KINDS
     )
@@ -236,9 +236,5 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
         # A run folder (or one with no results yet; its results/ would be empty anyway).
         if not has_results and fs.get_file_info(inner).type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no run or results folder at {text}")
-        text = (
-            str(storage.join(text, RESULTS_DIR))
-            if storage.is_uri(text)
-            else f"{text}/{RESULTS_DIR}"
-        )
+        text = str(SweepLayout(text).results)
     return ResultsStore(text).read_all()

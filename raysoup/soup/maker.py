@@ -38,6 +38,7 @@ import torch
 
 from raysoup.io import storage
 from raysoup.io.checkpoint import CheckpointError, save_checkpoint
+from raysoup.io.layout import SweepLayout
 from raysoup.io.storage import Location
 from raysoup.results.schema import ALL_SEEDS, ALL_SEEDS_METHODS, METHODS
 from raysoup.results.store import ResultsStore
@@ -56,9 +57,6 @@ from raysoup.soup.group import (
 
 # One row per group for GROUP_METHODS; per (dataset, test env, init) for uniform_all.
 GROUP_METHODS = tuple(m for m in METHODS if m not in ALL_SEEDS_METHODS)
-STATE_DIR = "soup"
-STATE_FILE = "state.json"
-SOUPS_DIR = "soups"
 STATE_VERSION = 1
 
 
@@ -121,7 +119,7 @@ class SoupMaker:
         self.methods = tuple(m for m in METHODS if m in methods)
         self.persist = persist
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.store = ResultsStore(str(storage.join(self.root, "results")))
+        self.store = ResultsStore(str(SweepLayout(self.root).results))
         self.groups: dict[GroupKey, GroupSoup] = {}
         self._decided_at: dict[GroupKey, dict[str, list[Any]]] = {}
         self._final: dict[GroupKey, dict[str, str]] = {}
@@ -140,7 +138,7 @@ class SoupMaker:
 
     @property
     def state_path(self) -> Location:
-        return storage.join(self.root, STATE_DIR, STATE_FILE)
+        return SweepLayout(self.root).soup_state
 
     def _save(self) -> None:
         if not self.persist:
@@ -379,7 +377,7 @@ class SoupMaker:
         )
 
     def soup_dir(self, method: str, key: GroupKey) -> Location:
-        return storage.join(self.root, SOUPS_DIR, method, key.slug)
+        return SweepLayout(self.root).soup_checkpoint(method, key.slug)
 
     def finalize(self, key: GroupKey) -> list[dict[str, Any]]:
         """Write this group's soups (rows and checkpoints) unless already written as is."""

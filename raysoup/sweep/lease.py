@@ -44,10 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysoup.io import storage
+from raysoup.io.layout import SweepLayout
 from raysoup.io.storage import Location
 
-LEASE_FILE = "lease.json"
-LOCK_FILE = ".lease.lock"
 TTL_ENV = "RAYSOUP_LEASE_TTL_S"
 DEFAULT_TTL_S = 60.0
 DEFAULT_SETTLE_S = 2.0
@@ -154,7 +153,7 @@ class SweepLease:
         settle_s: float = DEFAULT_SETTLE_S,
     ) -> None:
         self.root = root
-        self.path = storage.join(root, LEASE_FILE)
+        self.path = SweepLayout(root).lease
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         self.ttl_s = default_ttl() if ttl_s is None else ttl_s
         self.settle_s = settle_s
@@ -193,9 +192,9 @@ class SweepLease:
             return
         import fcntl
 
-        root = Path(self.root)
-        root.mkdir(parents=True, exist_ok=True)
-        with open(root / LOCK_FILE, "a") as handle:
+        lock = Path(SweepLayout(self.root).lease_lock)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

@@ -35,6 +35,7 @@ from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage
 from raysoup.io.checkpoint import META_FILE, check_weights, is_checkpoint, read_meta
+from raysoup.io.layout import RECORD, SweepLayout
 from raysoup.io.pool import check_meta_paths, check_pool_symlinks
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
@@ -42,8 +43,6 @@ from raysoup.sweep.config import SweepConfig, parse_record
 from raysoup.training.trainer import SHARED_LP_SEED
 
 STAGE_ORDER = ("base", "lp", "aux", "target")
-CHECKPOINTS = "checkpoints"
-SWEEP_RECORD = "sweep.json"  # the config a sweep folder was made with (runner.CONFIG_FILE)
 # Settings an auxiliary pool must share with a target sweep that borrows it: the same
 # network, fine-tuned from the same pretrained weights.
 POOL_MUST_MATCH = ("arch", "pretrained_weights")
@@ -57,7 +56,7 @@ class PlannedRun:
 
 
 def checkpoint_path(root: Location, stage: str, key: str) -> Location:
-    return storage.join(root, CHECKPOINTS, stage, key)
+    return SweepLayout(root).checkpoint(stage, key)
 
 
 def aux_key(dataset: str, hparams_seed: int) -> str:
@@ -84,9 +83,9 @@ def check_aux_pool(config: SweepConfig) -> list[Path]:
     metadata or weights header, or naming paths outside it, is a ``CheckpointError``."""
     assert config.aux_pool is not None
     pool = Path(config.aux_pool).expanduser().resolve()
-    record = pool / SWEEP_RECORD
+    record = Path(SweepLayout(pool).record)
     if not record.is_file():
-        raise OptionsError(f"aux_pool={str(config.aux_pool)!r}: no {SWEEP_RECORD}; not a sweep")
+        raise OptionsError(f"aux_pool={str(config.aux_pool)!r}: no {RECORD}; not a sweep")
     theirs = parse_record(record.read_bytes(), str(record))["config"]
     ours = config.to_dict()
     for name in POOL_MUST_MATCH:
@@ -95,7 +94,7 @@ def check_aux_pool(config: SweepConfig) -> list[Path]:
                 f"aux_pool={str(config.aux_pool)!r} was trained with {name}="
                 f"{theirs.get(name)!r}, this sweep has {name}={ours[name]!r}"
             )
-    check_pool_symlinks(pool / CHECKPOINTS)
+    check_pool_symlinks(Path(SweepLayout(pool).checkpoints()))
     paths = [
         checkpoint_path(pool, "aux", aux_key(aux, h))
         for aux in config.aux_datasets
@@ -198,7 +197,7 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
                 "out": checkpoint_path(root, "aux", key),
             }
             stages["aux"].append(PlannedRun("aux", key, spec))
-    aux_dir = borrowed if borrowed is not None else [storage.join(root, CHECKPOINTS, "aux")]
+    aux_dir = borrowed if borrowed is not None else [SweepLayout(root).checkpoints("aux")]
     for test_env in [] if pool_only else config.test_envs:
         for trial_seed in config.trial_seeds:
             head = checkpoint_path(

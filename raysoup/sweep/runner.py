@@ -1,9 +1,7 @@
 """Run a sweep's runs as one Ray Tune experiment under ``<storage>/<name>/``.
 
-Layout: ``sweep.json`` (the config, to refuse a different one under the same name),
-``tune/sweep/`` (Tune's experiment state and trial logs), ``checkpoints/<stage>/<key>/``
-(every run's checkpoint), ``failures/<stage>/<key>.txt`` (a failed run's full error),
-``results/`` (Parquet), ``lease.json`` (the driver holding the sweep).
+Layout: ``raysoup.io.layout.SweepLayout`` (the config record refuses a different config
+under the same name).
 
 Scheduling: every run of every stage is a trial of one experiment, and they share its
 slots; a run starts as soon as the runs it starts from (its base, its LP head, the
@@ -45,6 +43,7 @@ from ray.actor import ActorHandle
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage as io_storage
 from raysoup.io.checkpoint import CheckpointError
+from raysoup.io.layout import RECORD, TUNE_EXPERIMENT, SweepLayout
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
 from raysoup.results.store import ResultsStore
@@ -68,10 +67,6 @@ from raysoup.sweep.schedule import PlanSearcher
 from raysoup.sweep.trainable import HPARAM_COLUMNS, run_trial, trial_row
 from raysoup.training.hparams import sample_hparams
 
-CONFIG_FILE = "sweep.json"
-RESULTS = "results"
-SWEEP_EXPERIMENT = "sweep"  # <root>/tune/sweep/: the Tune experiment of every run
-FAILURES = "failures"  # <root>/failures/<stage>/<key>.txt: the full error of a failed run
 EXIT_TRIALS_FAILED = 3  # `raysoup run`: the sweep ended, but some runs failed
 
 
@@ -107,16 +102,11 @@ class TrialsFailedError(SweepError):
         )
 
 
-def experiment_root(storage: Location, name: str) -> Location:
-    """``<storage>/<name>``: an absolute ``Path`` for a local storage, a URI string for a URI."""
-    return io_storage.join(io_storage.resolve(storage), name)
-
-
 def read_config(root: Location) -> SweepConfig:
     """The config a sweep under ``root`` was started with."""
-    path = io_storage.join(root, CONFIG_FILE)
+    path = SweepLayout(root).record
     if not io_storage.exists(path):
-        raise FileNotFoundError(f"{root} holds no sweep: {CONFIG_FILE} is missing")
+        raise FileNotFoundError(f"{root} holds no sweep: {RECORD} is missing")
     return config_from_record(parse_record(io_storage.read_bytes(path), str(path)), str(path))
 
 
@@ -127,7 +117,7 @@ def record_config(root: Location, config: SweepConfig) -> SweepConfig:
     before ``RECORD_VERSION`` 2, which keeps the behaviour it was started with
     (``adopt_record``: e.g. ``target_keep: last``, one LP per trial seed, no aux LP).
     """
-    path = io_storage.join(root, CONFIG_FILE)
+    path = SweepLayout(root).record
     if io_storage.exists(path):
         stored = parse_record(io_storage.read_bytes(path), str(path))
         if stored.get("version", 1) < RECORD_VERSION:
@@ -160,15 +150,16 @@ def record_config(root: Location, config: SweepConfig) -> SweepConfig:
 def _trial_config(run: PlannedRun, root: Location, config: SweepConfig) -> dict:
     """What one Tune trial receives: JSON-ready (paths as strings)."""
     spec = json.loads(json.dumps(run.spec, default=str))
-    results = str(io_storage.join(root, RESULTS))
+    results = str(SweepLayout(root).results)
     return {"key": run.key, "spec": spec, "sweep": config.name, "results": results}
 
 
 def _tune_storage(root: Location) -> dict:
     """Tune's ``storage_path`` (and ``storage_filesystem`` for a URI) for ``<root>/tune``."""
-    if not io_storage.is_uri(root):
-        return {"storage_path": str(io_storage.join(root, "tune"))}
-    fs, path = io_storage.filesystem(io_storage.join(root, "tune"))
+    tune_root = SweepLayout(root).tune
+    if not io_storage.is_uri(tune_root):
+        return {"storage_path": str(tune_root)}
+    fs, path = io_storage.filesystem(tune_root)
     return {"storage_path": path, "storage_filesystem": fs}
 
 
@@ -194,7 +185,7 @@ def restore_trial_rows(runs: list[PlannedRun], root: Location, config: SweepConf
     """Write the ``trials`` row of every finished run that has none (its part was damaged
     and set aside, or the trial ended between its checkpoint and its row): the row is a
     function of the checkpoint's metadata, so nothing reported is ever lost."""
-    store = ResultsStore(str(io_storage.join(root, RESULTS)))
+    store = ResultsStore(str(SweepLayout(root).results))
     have = store.part_keys("trials")
     for run in runs:
         if run.key not in have and io_storage.is_checkpoint(run.spec["out"]):
@@ -230,10 +221,6 @@ def error_text(error: BaseException | str | None) -> str:
     if isinstance(error, str) or getattr(error, "cause", None) is not None:
         return str(error) + "\n"
     return "".join(traceback.format_exception(error))
-
-
-def failure_file(root: Location, stage: str, key: str) -> Location:
-    return io_storage.join(root, FAILURES, stage, f"{key}.txt")
 
 
 def failed_row(sweep: str, run: PlannedRun, failure: Failure) -> dict[str, Any]:
@@ -293,11 +280,11 @@ def record_failure(
     """Write a failed run's ``trials`` row (the done row's part: a later success replaces
     it) and, given ``text``, its error file; else ``error_file`` names the root cause's."""
     if text is not None:
-        path = failure_file(root, run.stage, run.key)
+        path = SweepLayout(root).failure(run.stage, run.key)
         io_storage.write_bytes_atomic(path, text.encode())
         error_file = str(path)
     failure = Failure(run.stage, run.key, error, error_file or "")
-    store = ResultsStore(str(io_storage.join(root, RESULTS)))
+    store = ResultsStore(str(SweepLayout(root).results))
     store.append("trials", [failed_row(config.name, run, failure)], part_key=run.key)
     return failure
 
@@ -488,7 +475,7 @@ def run_sweep(config: SweepConfig, storage: Location) -> Location:
     every soup written when some runs failed; the warning lists them on stderr.
     """
     config.validate()
-    root = experiment_root(storage, config.name)
+    root = SweepLayout.of(storage, config.name).root
     io_storage.check_writable(root)  # a file, a read-only disk, a missing bucket: say so now
     with SweepLease(root):
         _run_sweep_held(config, root)
@@ -499,13 +486,13 @@ def _run_sweep_held(config: SweepConfig, root: Location) -> None:
     """``run_sweep`` once this driver holds the sweep's lease."""
     config = record_config(root, config)
     plan = plan_sweep(config, root)
-    for damaged in ResultsStore(str(io_storage.join(root, RESULTS))).set_aside_damaged():
+    for damaged in ResultsStore(str(SweepLayout(root).results)).set_aside_damaged():
         print(f"raysoup: warning: set aside damaged {damaged}; rewriting it", file=sys.stderr)
     targets = plan.get("target", [])
     every = [run for runs in plan.values() for run in runs]
     missing = runs_to_do(every)
     if not missing:  # nothing to train: no Ray, soups made here
-        failures = run_runs(SWEEP_EXPERIMENT, every, root, config, plan=plan, missing=missing)
+        failures = run_runs(TUNE_EXPERIMENT, every, root, config, plan=plan, missing=missing)
         written, summary = soup_here(root, config, targets) if targets else ([], [])
     else:
         failures, written, summary = _run_with_ray(root, config, plan, every, missing, targets)
@@ -536,7 +523,7 @@ def _run_with_ray(
             soup = start_soup(root, config, targets)
             callbacks = [soup_feeder(root, config)]
         failures = run_runs(
-            SWEEP_EXPERIMENT, every, root, config, callbacks, plan=plan, missing=missing
+            TUNE_EXPERIMENT, every, root, config, callbacks, plan=plan, missing=missing
         )
         if not targets:
             return failures, [], []
