@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from raysoup.io import storage
+
 OptionsT = TypeVar("OptionsT")
 
 
@@ -42,7 +44,6 @@ def option(
 # ``s3://bucket/runs`` (see ``raysoup.io.storage``), which stays a string because ``Path``
 # would collapse its ``//``.
 LOCATION = Path | str
-URI_MARK = "://"
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -72,7 +73,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if base is LOCATION:
         if not isinstance(value, (str, Path)):
             raise OptionsError(f"option {name!r}={value!r}: expected a path or a URI")
-        return value if isinstance(value, str) and URI_MARK in value else Path(value)
+        return value if storage.has_scheme(value) else Path(value)
     if base is bool:
         if not isinstance(value, bool):
             raise OptionsError(f"option {name!r}={value!r}: expected true or false")

@@ -27,19 +27,19 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _split_uri(uri: str) -> tuple[str, str]:
+def _scheme_and_path(uri: str) -> tuple[str, str]:
     """``(scheme, normalised path)`` of a URI, its query dropped."""
-    scheme, _, rest = uri.partition("://")
-    return scheme.lower(), posixpath.normpath("/" + rest.partition("?")[0])
+    head, rest, _ = storage.split_uri(uri)
+    return head.removesuffix("://").lower(), posixpath.normpath("/" + rest)
 
 
 def source_inside(source: str, root: Location) -> bool:
     """Whether the metadata path ``source`` stays inside the pool ``root`` (lexically:
     ``..`` is collapsed; a URI must share the root's scheme and prefix)."""
     if storage.is_uri(root):
-        scheme, path = _split_uri(str(root))
+        scheme, path = _scheme_and_path(str(root))
         if storage.is_uri(source):
-            other_scheme, other = _split_uri(source)
+            other_scheme, other = _scheme_and_path(source)
             return other_scheme == scheme and _inside(other, path)
         if posixpath.isabs(source) or source.lower().startswith("file:"):
             return False  # a local path recorded in a remote pool

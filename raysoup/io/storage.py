@@ -82,6 +82,12 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------- naming
 
 
+def has_scheme(location: Location) -> bool:
+    """True for text of the form ``scheme://...`` (``file://`` included): a location
+    that must stay a string, since ``Path`` would collapse its ``//``."""
+    return not isinstance(location, os.PathLike) and _SCHEME.match(location) is not None
+
+
 def is_uri(location: Location) -> bool:
     """True for a URI with a scheme other than ``file://`` (``file://`` is a local path)."""
     if isinstance(location, os.PathLike):
@@ -90,7 +96,7 @@ def is_uri(location: Location) -> bool:
     return match is not None and match.group(1).lower() != "file"
 
 
-def _split_uri(uri: str) -> tuple[str, str, str]:
+def split_uri(uri: str) -> tuple[str, str, str]:
     """``("scheme://", "netloc/path", "?query")``; string surgery, not ``urlunsplit``, which
     drops the ``//`` of URIs with an empty authority (``hdfs:///path``)."""
     match = _SCHEME.match(uri)
@@ -101,8 +107,8 @@ def _split_uri(uri: str) -> tuple[str, str, str]:
     return uri[:end], rest, mark + query
 
 
-def _local(location: Location) -> Path:
-    """A local location as a ``Path`` (``file:///x`` becomes ``/x``)."""
+def local_path(location: Location) -> Path:
+    """A local location as a ``Path`` (``file:///x`` becomes ``/x``, ``~`` is expanded)."""
     text = os.fspath(location)
     if text.lower().startswith("file://"):
         return Path(unquote(urlsplit(text).path))
@@ -113,17 +119,17 @@ def resolve(location: Location) -> Location:
     """An absolute, canonical location: local paths resolved, URIs kept as they are
     (minus a trailing ``/``), never passed through ``Path`` (it would collapse ``//``)."""
     if is_uri(location):
-        head, path, query = _split_uri(str(location))
+        head, path, query = split_uri(str(location))
         return head + (path.rstrip("/") or path) + query
-    return _local(location).resolve()
+    return local_path(location).resolve()
 
 
 def join(location: Location, *parts: str) -> Location:
     """``location / part / ...``: a ``Path`` for a local location, a URI string for a URI
     (a query such as ``?endpoint_override=...`` stays at the end)."""
     if not is_uri(location):
-        return _local(location).joinpath(*parts)
-    head, path, query = _split_uri(str(location))
+        return local_path(location).joinpath(*parts)
+    head, path, query = split_uri(str(location))
     tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
     if not tail:
         return head + path + query
@@ -133,7 +139,7 @@ def join(location: Location, *parts: str) -> Location:
 def filesystem(location: Location) -> tuple[pafs.FileSystem, str]:
     """``(Arrow filesystem, path inside it)`` of ``location``."""
     if not is_uri(location):
-        return pafs.LocalFileSystem(), str(_local(location).absolute())
+        return pafs.LocalFileSystem(), str(local_path(location).absolute())
     try:
         fs, path = pafs.FileSystem.from_uri(str(location))
     except ValueError as error:  # ArrowInvalid: unknown scheme, malformed URI
@@ -185,7 +191,7 @@ def check_writable(location: Location) -> None:
     that may write. Writes and deletes one small probe file, so the error comes before Ray
     starts or anything trains."""
     if not is_uri(location):
-        path = _local(location).absolute()
+        path = local_path(location).absolute()
         blocker = _file_on_the_way(path)
         if blocker is not None:
             raise StorageError(
@@ -216,13 +222,13 @@ def exists(location: Location) -> bool:
 def is_dir(location: Location) -> bool:
     """A directory (on object stores: a prefix with objects under it)."""
     if not is_uri(location):
-        return _local(location).is_dir()
+        return local_path(location).is_dir()
     return _info(location).type == pafs.FileType.Directory
 
 
 def read_bytes(location: Location) -> bytes:
     if not is_uri(location):
-        return _local(location).read_bytes()
+        return local_path(location).read_bytes()
     fs, path = filesystem(location)
     try:
         with fs.open_input_stream(path) as handle:
@@ -252,7 +258,7 @@ def write_bytes_atomic(location: Location, data: bytes) -> None:
     """Replace ``location`` with ``data``: readers see the old bytes or the new, never a
     mix (local: write, fsync, rename; URI: temporary key, then move)."""
     if not is_uri(location):
-        atomic_write_bytes(_local(location), data)
+        atomic_write_bytes(local_path(location), data)
         return
     fs, path = filesystem(location)
     fs.create_dir(posixpath.dirname(path), recursive=True)
@@ -265,7 +271,7 @@ def write_bytes_atomic(location: Location, data: bytes) -> None:
 def is_checkpoint(location: Location) -> bool:
     """Both ``model.safetensors`` and the marker ``raysoup.json`` exist."""
     if not is_uri(location):
-        return _is_local_checkpoint(_local(location))
+        return _is_local_checkpoint(local_path(location))
     fs, path = filesystem(location)
     infos = fs.get_file_info([f"{path}/{WEIGHTS_FILE}", f"{path}/{META_FILE}"])
     return all(info.type == pafs.FileType.File for info in infos)
@@ -274,7 +280,7 @@ def is_checkpoint(location: Location) -> bool:
 def read_meta(location: Location) -> CheckpointMeta:
     """The metadata of the checkpoint at ``location``, without fetching its weights."""
     if not is_uri(location):
-        return _read_local_meta(_local(location))
+        return _read_local_meta(local_path(location))
     marker = join(location, META_FILE)
     try:
         raw = _read_marker(marker)
@@ -313,7 +319,7 @@ def find_checkpoints(root: Location) -> list[Location]:
     """The checkpoints at or under ``root``: ``root`` itself first if it is one, then the
     others sorted by path; hidden folders (temporary writes) are skipped."""
     if not is_uri(root):
-        base = _local(root)
+        base = local_path(root)
         found = [base] if _is_local_checkpoint(base) else []
         found += sorted(p.parent for p in base.rglob(META_FILE) if p.parent != base)
         return [p for p in found if _is_local_checkpoint(p) and not p.name.startswith(".")]
@@ -365,7 +371,7 @@ def verify(location: Location) -> str | None:
         if is_uri(location):
             local_checkpoint(location)  # fetched and hash-checked, or an error
         else:
-            _check_local_checkpoint(_local(location))
+            _check_local_checkpoint(local_path(location))
     except (CheckpointError, OSError) as error:
         return str(error)
     return None
@@ -395,10 +401,10 @@ def publish_checkpoint(local_dir: Location, location: Location) -> None:
     """Copy the checkpoint in ``local_dir`` to ``location`` so that it appears complete
     or not at all (the marker ``raysoup.json`` is uploaded last; a previous marker at
     ``location`` is removed first). A no-op when ``location`` is ``local_dir`` itself."""
-    source = _local(local_dir)
+    source = local_path(local_dir)
     marker = _check_local_checkpoint(source)
     if not is_uri(location):
-        target = _local(location)
+        target = local_path(location)
         if target.absolute() == source.absolute():
             return
         _copy_local_checkpoint(source, target)
@@ -443,7 +449,7 @@ def checkpoint_output(location: Location, cache_dir: Path | None = None) -> Iter
     without error, and then kept as the cached copy :func:`local_checkpoint` returns.
     """
     if not is_uri(location):
-        yield _local(location)
+        yield local_path(location)
         return
     cache = _storage_cache(cache_dir)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
@@ -505,7 +511,7 @@ def local_checkpoint(location: Location, cache_dir: Path | None = None) -> Path:
             f"{location} is not a raysoup checkpoint (expected {WEIGHTS_FILE} and {META_FILE})"
         )
     if not is_uri(location):
-        return _local(location)
+        return local_path(location)
     marker_location = join(location, META_FILE)
     marker = _read_marker(str(marker_location))
     expected = meta_from_bytes(marker, marker_location).content_hash  # 64 hex, checked

@@ -16,7 +16,6 @@ import os
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -36,15 +35,6 @@ READ_ATTEMPTS = 3
 PART_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,199}$")
 
 
-def _filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path inside it)``: URIs with a scheme via Arrow, the rest local."""
-    text = os.fspath(root)
-    if "://" in text:
-        fs, path = pafs.FileSystem.from_uri(text)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
-
-
 class DamagedResultsError(ValueError):
     """A part file that cannot be read; the message names it and how to recover."""
 
@@ -60,7 +50,7 @@ class ResultsStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.fspath(root)
-        self._fs, self._path = _filesystem(root)
+        self._fs, self._path = storage.filesystem(self.root)
         self._local = isinstance(self._fs, pafs.LocalFileSystem)
 
     def __repr__(self) -> str:
@@ -226,7 +216,7 @@ class ResultsStore:
 def load_results(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
     """The three datasets of a run, given the run folder ``<storage>/<name>`` or its
     ``results/`` folder (a local path or a URI)."""
-    fs, inner = _filesystem(path)
+    fs, inner = storage.filesystem(os.fspath(path))
     text = os.fspath(path).rstrip("/")
     has_results = fs.get_file_info(f"{inner}/{RESULTS}").type == pafs.FileType.Directory
     has_kinds = any(
