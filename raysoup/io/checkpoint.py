@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from raysoup.io.atomic import fsync_dir, replace_dir
+from raysoup.io.atomic import fsync_tree, hidden_name, replace_dir, write_synced
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: reading metadata,
     import torch  # checking a header or a lease must not cost a torch import
@@ -89,13 +88,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def save_checkpoint(
     directory: str | Path, state_dict: Mapping[str, torch.Tensor], meta: CheckpointMeta
 ) -> CheckpointMeta:
@@ -105,7 +97,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    tmp = directory.parent / hidden_name(directory.name)
     tmp.mkdir()
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -116,11 +108,9 @@ def save_checkpoint(
             save_file(tensors, str(weights))
         except SafetensorError as error:  # e.g. a full disk: say so as the OS error it is
             raise OSError(f"{weights}: could not write the weights ({error})") from error
-        with open(weights, "rb+") as handle:
-            os.fsync(handle.fileno())
         meta = dataclasses.replace(meta, content_hash=file_sha256(weights))
-        _write_file(tmp / META_FILE, meta.to_json().encode())
-        fsync_dir(tmp)
+        write_synced(tmp / META_FILE, meta.to_json().encode())
+        fsync_tree(tmp)
         replace_dir(tmp, directory)
     finally:
         if tmp.exists():

@@ -51,7 +51,7 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
-from raysoup.io.atomic import atomic_write_bytes, fsync_dir, replace_dir
+from raysoup.io.atomic import atomic_write_bytes, fsync_dir, fsync_tree, hidden_name, replace_dir
 from raysoup.io.checkpoint import (
     META_FILE,
     WEIGHTS_FILE,
@@ -237,14 +237,10 @@ def read_bytes(location: Location) -> bytes:
         raise FileNotFoundError(f"{location} does not exist") from None
 
 
-def _hidden_sibling(path: str) -> str:
-    parent, name = posixpath.split(path)
-    return f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"
-
-
-def _put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def _put_atomic(fs: pafs.FileSystem, path: str, data: bytes | memoryview) -> None:
     """Write a temporary hidden key, then move it over ``path`` (see the module doc)."""
-    tmp = _hidden_sibling(path)
+    parent, name = posixpath.split(path)
+    tmp = f"{parent}/{hidden_name(name)}"
     try:
         with fs.open_output_stream(tmp) as handle:
             handle.write(data)
@@ -254,13 +250,20 @@ def _put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             fs.delete_file(tmp)
 
 
-def write_bytes_atomic(location: Location, data: bytes) -> None:
+def write_bytes_atomic(location: Location, data: bytes | memoryview) -> None:
     """Replace ``location`` with ``data``: readers see the old bytes or the new, never a
     mix (local: write, fsync, rename; URI: temporary key, then move)."""
     if not is_uri(location):
         atomic_write_bytes(local_path(location), data)
         return
-    fs, path = filesystem(location)
+    write_atomic_in(*filesystem(location), data)
+
+
+def write_atomic_in(fs: pafs.FileSystem, path: str, data: bytes | memoryview) -> None:
+    """``write_bytes_atomic`` for a caller that holds the filesystem (``path`` inside it)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        atomic_write_bytes(path, data)
+        return
     fs.create_dir(posixpath.dirname(path), recursive=True)
     _put_atomic(fs, path, data)
 
@@ -428,13 +431,10 @@ def publish_checkpoint(local_dir: Location, location: Location) -> None:
 def _copy_local_checkpoint(source: Path, target: Path) -> None:
     """Copy into a hidden sibling, fsync, rename into place (the old one moved aside)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    tmp = target.parent / hidden_name(target.name)
     try:
         shutil.copytree(source, tmp)
-        for item in tmp.iterdir():
-            with open(item, "rb+") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(tmp)
+        fsync_tree(tmp)
         replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -485,10 +485,7 @@ def _cache_name(location: Location, marker: bytes) -> str:
 def _rename_into_place(tmp: Path, target: Path) -> None:
     """Rename a verified folder to its cache name; if another process got there first,
     its (equally verified) copy stays."""
-    for item in tmp.iterdir():
-        with open(item, "rb+") as handle:
-            os.fsync(handle.fileno())
-    fsync_dir(tmp)
+    fsync_tree(tmp)
     try:
         os.replace(tmp, target)
     except OSError:

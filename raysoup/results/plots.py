@@ -6,6 +6,7 @@ Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly,
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -14,6 +15,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from raysoup.io import storage
 from raysoup.results.schema import ALL_SEEDS_METHODS, INITS
 from raysoup.results.tables import AVG, GROUP, _order
 
@@ -23,7 +25,9 @@ MAX_LEGEND = 12
 def _save(figure: Figure, out_png: str | os.PathLike[str]) -> None:
     FigureCanvasAgg(figure)
     figure.tight_layout()
-    figure.savefig(os.fspath(out_png), dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=120, format="png")
+    storage.write_bytes_atomic(os.fspath(out_png), buffer.getvalue())
 
 
 def _latest_decisions(steps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

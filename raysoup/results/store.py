@@ -1,7 +1,8 @@
 """The results store: ``<storage>/<name>/results/{trials,soup_steps,soups}/part-*.parquet``.
 
 - One ``append`` writes one part file, atomically: the bytes go to a hidden sibling
-  (``.part-<key>.parquet.tmp-<uuid>``) which is then renamed into place. Arrow's dataset
+  (``.part-<key>.parquet.tmp-<uuid>``) which is then renamed into place
+  (``raysoup.io.storage.write_bytes_atomic``). Arrow's dataset
   discovery (and so ``pd.read_parquet(folder)``) skips names starting with ``.`` or
   ``_``, so a reader running during a write, or after a crash, never sees half a file.
 - ``part_key`` names the part, so a retried or resumed write replaces its own rows
@@ -25,7 +26,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysoup.io import storage
-from raysoup.io.atomic import fsync_dir
 from raysoup.io.layout import RESULTS, SweepLayout
 from raysoup.results.schema import KINDS, _check_kind, schema, validate_rows
 
@@ -90,33 +90,8 @@ class ResultsStore:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         data = sink.getvalue()
-        tmp = f"{folder}/.{PART_PREFIX}{part_key}{PART_SUFFIX}.tmp-{uuid.uuid4().hex}"
-        if self._local:
-            self._write_local(folder, tmp, final, data)
-        else:
-            self._fs.create_dir(folder, recursive=True)
-            try:
-                with self._fs.open_output_stream(tmp) as handle:
-                    handle.write(data)
-                self._fs.move(tmp, final)
-            finally:
-                if self._fs.get_file_info(tmp).type == pafs.FileType.File:
-                    self._fs.delete_file(tmp)
+        storage.write_atomic_in(self._fs, final, memoryview(data))
         return self._display(final)
-
-    @staticmethod
-    def _write_local(folder: str, tmp: str, final: str, data: pa.Buffer) -> None:
-        os.makedirs(folder, exist_ok=True)
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(memoryview(data))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-            fsync_dir(folder)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     def has_part(self, kind: str, part_key: str) -> bool:
         """Whether the part ``part_key`` of ``kind`` exists (finished writes only)."""

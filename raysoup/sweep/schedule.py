@@ -16,6 +16,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from raysoup.io.atomic import atomic_write_bytes
+
 
 class RunQueue:
     """Runs waiting, running and over, by key; ``waits_for[key]`` holds the keys of the
@@ -104,8 +106,7 @@ class PlanSearcher(Searcher):
             "blocked": self.queue.blocked,
             "running": sorted(self.queue.running),
         }
-        with open(checkpoint_path, "w") as file:
-            json.dump(state, file, indent=1)
+        atomic_write_bytes(checkpoint_path, json.dumps(state, indent=1).encode())
 
     def restore(self, checkpoint_path: str) -> None:
         raise NotImplementedError("raysoup plans a resumed sweep from its checkpoints")
