@@ -102,7 +102,7 @@ def _results(args: argparse.Namespace) -> int:
 def _soup(args: argparse.Namespace) -> int:
     from raysoup.results import load_results, sweep_table
     from raysoup.soup.maker import METHODS, describe
-    from raysoup.sweep.runner import resoup
+    from raysoup.soup.posthoc import resoup
 
     methods = METHODS if args.method == "all" else ("erm", args.method)
     rows = resoup(args.path, methods=methods, accept=args.accept, device=args.device)

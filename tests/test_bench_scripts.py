@@ -158,7 +158,7 @@ def test_trainer_throughput_rows(tmp_path) -> None:
 def test_method_table_reads_an_existing_run(tmp_path) -> None:
     from raysoup.results import ResultsStore
     from raysoup.sweep.config import SweepConfig
-    from raysoup.sweep.runner import record_config
+    from raysoup.sweep.record import record_config
 
     root = tmp_path / "run"
     config = SweepConfig(name="run", trial_seeds=[0, 1], inits=["pretrained"]).validate()

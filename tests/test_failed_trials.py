@@ -18,6 +18,7 @@ from raysoup.models.foundation import foundation_dir
 from raysoup.results import load_results
 from raysoup.results.schema import validate_rows
 from raysoup.soup.group import GroupKey
+from raysoup.soup.posthoc import incomplete_groups
 from raysoup.sweep.plan import aux_key, plan_sweep
 from raysoup.sweep.runner import (
     EXIT_TRIALS_FAILED,
@@ -26,7 +27,6 @@ from raysoup.sweep.runner import (
     blocked_runs,
     error_summary,
     failed_row,
-    incomplete_groups,
     run_sweep,
 )
 from raysoup.training.trainer import FiniteLossGuard, NonFiniteLossError, RunSpec, train_run

@@ -8,8 +8,8 @@ import pytest
 import ray
 
 from raysoup.results import load_results
-from raysoup.soup.actor import NAMESPACE, actor_name, start_soup_actor
 from raysoup.soup.group import GroupKey
+from raysoup.sweep.soup_actor import NAMESPACE, actor_name, start_soup_actor
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def test_feeder_batches_trials_and_sends_the_rest_at_the_end(
     actor together; whatever waits when the experiment ends is sent then."""
     from types import SimpleNamespace
 
-    from raysoup.soup.actor import SoupFeeder, offer_from_result
+    from raysoup.sweep.soup_actor import SoupFeeder, offer_from_result
 
     actor = _start(tmp_path, "fed", soup_trials)
     feeder = SoupFeeder(actor_name("fed", tmp_path), every_s=3600.0)
@@ -109,7 +109,7 @@ def test_feeder_never_fails_tune_when_the_actor_is_missing(local_ray, capfd) -> 
     reused): an unreachable actor is a warning, the runner hands the trial over later."""
     from types import SimpleNamespace
 
-    from raysoup.soup.actor import SoupFeeder
+    from raysoup.sweep.soup_actor import SoupFeeder
 
     feeder = SoupFeeder("soup:no-such-sweep:0000000000")
     result = {

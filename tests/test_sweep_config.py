@@ -12,7 +12,7 @@ from raysoup.io.checkpoint import CheckpointMeta, save_checkpoint
 from raysoup.options import OptionsError
 from raysoup.sweep.config import SweepConfig, load_config
 from raysoup.sweep.plan import checkpoint_path, plan_sweep
-from raysoup.sweep.runner import read_config, record_config
+from raysoup.sweep.record import read_config, record_config
 from raysoup.training.trainer import RunSpec
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
@@ -76,7 +79,15 @@ def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> No
     assert len(pd.read_parquet(root / "results" / "soups")) == len(soups)
     # post-hoc: the same soups again from the checkpoints, then with ">" acceptance
     before = soups.sort_values(["method", "init"]).reset_index(drop=True)
-    assert main(["soup", str(root)]) == 0
+    # `raysoup soup` in a fresh interpreter: it never imports Ray
+    code = (
+        "import sys; from raysoup.cli import main; rc = main(['soup', sys.argv[1]]); "
+        "assert 'ray' not in sys.modules, 'raysoup soup imported ray'; sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     after = load_results(root)["soups"].sort_values(["method", "init"]).reset_index(drop=True)
     columns = ["method", "init", "n_ingredients", "id_val_acc", "test_acc"]
     pd.testing.assert_frame_equal(before[columns], after[columns])

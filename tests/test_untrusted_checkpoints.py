@@ -34,7 +34,7 @@ from raysoup.io.pool import source_inside
 from raysoup.io.validate import MAX_META_BYTES
 from raysoup.models.foundation import foundation_dir
 from raysoup.sweep.plan import check_aux_pool, checkpoint_path
-from raysoup.sweep.runner import record_config
+from raysoup.sweep.record import record_config
 from raysoup.training import inits
 
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from raysoup.options import OptionsError
     from raysoup.results import format_table, load_results
     from raysoup.sweep.config import load_config
-    from raysoup.sweep.runner import read_config
+    from raysoup.sweep.record import read_config
     from raysoup.sweep.script_options import run_sweep_for_script
 
     wall = math.nan

@@ -90,7 +90,7 @@ def prepare(root: Path, config: Any, lp_from: Path | None = None) -> list[Any]:
     from raysoup.io.checkpoint import is_checkpoint
     from raysoup.options import from_mapping
     from raysoup.sweep.plan import plan_sweep
-    from raysoup.sweep.runner import record_config
+    from raysoup.sweep.record import record_config
     from raysoup.training.trainer import RunSpec, ensure_base_checkpoint, train_run
 
     record_config(root, config)
@@ -164,7 +164,7 @@ def soup_work_s(runs: list[Any], scratch: Path, device: torch.device) -> float:
     this process with one torch thread, souping the finished trials post hoc (one batch,
     each rank decided once) and writing every soup, into ``scratch``."""
     from raysoup.soup.maker import SoupMaker
-    from raysoup.sweep.runner import finished_offers, planned_groups
+    from raysoup.soup.posthoc import finished_offers, planned_groups
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"config {str(args.config)!r} is not a file")
 
     from raysoup.sweep.plan import dependencies, plan_sweep
-    from raysoup.sweep.runner import read_config
+    from raysoup.sweep.record import read_config
     from raysoup.sweep.schedule import ideal_lower_bound, plan_order_makespan
 
     base_cached = base_is_cached()

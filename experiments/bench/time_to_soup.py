@@ -190,7 +190,7 @@ def streaming_actor(
     """The real soup actor, one ``offer.remote`` per arrival (each processed before the next)."""
     import ray
 
-    from raysoup.soup.actor import start_soup_actor
+    from raysoup.sweep.soup_actor import start_soup_actor
 
     gpus = 1.0 if device.type == "cuda" else 0.0
     actor = start_soup_actor(root, sweep, {}, num_gpus=gpus, device=str(device))

@@ -1,7 +1,7 @@
 """Soups without Ray: greedy selection (Recipe 1, batch and streaming) and weight averaging.
 
-The Ray actor that feeds trials in as they finish lives elsewhere; everything here is pure
-and testable on its own.
+The Ray actor that feeds trials in as they finish is ``raysoup.sweep.soup_actor``;
+everything here is pure and testable on its own.
 """
 
 from raysoup.soup.average import RunningSoup, uniform_average

@@ -36,34 +36,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-import torch
 from ray import tune
 from ray.actor import ActorHandle
 
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage as io_storage
-from raysoup.io.checkpoint import CheckpointError
-from raysoup.io.layout import RECORD, TUNE_EXPERIMENT, SweepLayout
+from raysoup.io.layout import TUNE_EXPERIMENT, SweepLayout
 from raysoup.io.storage import Location
-from raysoup.options import OptionsError
 from raysoup.results.store import ResultsStore
-from raysoup.soup.actor import SoupFeeder, actor_name, start_soup_actor
-from raysoup.soup.greedy import rank_key
-from raysoup.soup.group import GroupKey, Offer
-from raysoup.soup.maker import METHODS, SoupMaker, describe
+from raysoup.soup.maker import describe
+from raysoup.soup.posthoc import finished_offers, incomplete_groups, planned_groups, soup_here
 from raysoup.sweep.cluster import ray_session
-from raysoup.sweep.config import (
-    ADDED_LATER,
-    RECORD_VERSION,
-    RUN_KNOBS,
-    SweepConfig,
-    adopt_record,
-    config_from_record,
-    parse_record,
-)
+from raysoup.sweep.config import SweepConfig
 from raysoup.sweep.lease import SweepLease
 from raysoup.sweep.plan import PlannedRun, dependencies, plan_sweep
+from raysoup.sweep.record import record_config
 from raysoup.sweep.schedule import PlanSearcher
+from raysoup.sweep.soup_actor import SoupFeeder, actor_name, start_soup_actor
 from raysoup.sweep.trainable import HPARAM_COLUMNS, run_trial, trial_row
 from raysoup.training.hparams import sample_hparams
 
@@ -100,51 +89,6 @@ class TrialsFailedError(SweepError):
             f"{len(failures)} run(s) failed; the soups use the others. Run the same command "
             f"again to retry them:\n" + "\n".join(lines)
         )
-
-
-def read_config(root: Location) -> SweepConfig:
-    """The config a sweep under ``root`` was started with."""
-    path = SweepLayout(root).record
-    if not io_storage.exists(path):
-        raise FileNotFoundError(f"{root} holds no sweep: {RECORD} is missing")
-    return config_from_record(parse_record(io_storage.read_bytes(path), str(path)), str(path))
-
-
-def record_config(root: Location, config: SweepConfig) -> SweepConfig:
-    """Write the config on first run; refuse a different config under the same name.
-
-    Returns the config to run: ``config`` itself, except when resuming a sweep recorded
-    before ``RECORD_VERSION`` 2, which keeps the behaviour it was started with
-    (``adopt_record``: e.g. ``target_keep: last``, one LP per trial seed, no aux LP).
-    """
-    path = SweepLayout(root).record
-    if io_storage.exists(path):
-        stored = parse_record(io_storage.read_bytes(path), str(path))
-        if stored.get("version", 1) < RECORD_VERSION:
-            config, adopted = adopt_record(config, stored.get("config", {}))
-            if adopted:
-                print(
-                    f"raysoup: {root} was recorded by an earlier raysoup: resuming it as it "
-                    f"began, with {adopted} (a new --name runs today's defaults)",
-                    file=sys.stderr,
-                )
-        if stored.get("fingerprint") != config.fingerprint():
-            old, new = {**ADDED_LATER, **stored.get("config", {})}, config.to_dict()
-            changed = sorted(
-                k for k in set(old) | set(new) if k not in RUN_KNOBS and old.get(k) != new.get(k)
-            )
-            raise OptionsError(
-                f"{root} already holds sweep {config.name!r} with a different config "
-                f"(changed: {changed}); use another --name, or the original config to resume"
-            )
-        return config
-    record = {
-        "version": RECORD_VERSION,
-        "fingerprint": config.fingerprint(),
-        "config": config.to_dict(),
-    }
-    io_storage.write_bytes_atomic(path, json.dumps(record, indent=2).encode())
-    return config
 
 
 def _trial_config(run: PlannedRun, root: Location, config: SweepConfig) -> dict:
@@ -543,31 +487,6 @@ def run_sweep_status(config: SweepConfig, storage: Location) -> tuple[Location, 
         return error.root, EXIT_TRIALS_FAILED
 
 
-def planned_groups(runs: list[PlannedRun]) -> dict[GroupKey, list[str]]:
-    """The target runs of each soup group (dataset, test env, trial seed, init)."""
-    groups: dict[GroupKey, list[str]] = {}
-    for run in runs:
-        spec = run.spec
-        key = GroupKey(spec["dataset"], spec["test_env"], spec["trial_seed"], spec["init"])
-        groups.setdefault(key, []).append(run.key)
-    return groups
-
-
-def incomplete_groups(
-    planned: Mapping[GroupKey, list[str]], summary: list[dict[str, Any]]
-) -> list[str]:
-    """One line per soup group with fewer trials than planned (none: no soups at all)."""
-    souped = {group["group"]: group["trials"] for group in summary}
-    lines = []
-    for key, runs in sorted(planned.items()):
-        n = souped.get(key.slug, 0)
-        if n == 0:
-            lines.append(f"no trial of {key.slug} finished: it has no soups")
-        elif n < len(runs):
-            lines.append(f"soups of {key.slug} use {n} of {len(runs)} planned trials")
-    return lines
-
-
 def start_soup(root: Location, config: SweepConfig, runs: list[PlannedRun]) -> ActorHandle:
     """The sweep's soup actor, handed every target trial that already finished (a resume:
     trials completed while no actor was listening)."""
@@ -591,90 +510,8 @@ def soup_feeder(root: Location, config: SweepConfig) -> SoupFeeder:
     return SoupFeeder(actor_name(config.name, root), every_s=config.soup_every_s)
 
 
-def soup_here(
-    root: Location, config: SweepConfig, runs: list[PlannedRun]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """What the soup actor does with the finished target ``runs``, in this process (a
-    sweep with nothing left to train needs no Ray): it restores the actor's saved state,
-    so a trial already souped is skipped. Returns the soup rows written now and the
-    summary. On the device the actor would use: the CPU unless ``soup_gpus``."""
-    device = "cuda" if config.soup_gpus > 0 and torch.cuda.is_available() else "cpu"
-    maker = SoupMaker(
-        root,
-        config.name,
-        expected=planned_groups(runs),
-        accept=config.soup_accept,
-        data_dir=config.data_dir,
-        holdout_fraction=config.holdout_fraction,
-        device=device,
-        max_models=config.soup_max_models,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
-    maker.offer(finished_offers(runs))
-    return maker.finalize_all(), maker.summary()
-
-
 def hand_over(soup: ActorHandle, runs: list[PlannedRun]) -> None:
     """Offer every finished target trial to the actor (fire-and-forget)."""
     offers = [offer.to_dict() for offer in finished_offers(runs)]
     if offers:
         soup.offer.remote(offers)
-
-
-def finished_offers(runs: list[PlannedRun]) -> list[Offer]:
-    """The soup offers of the planned runs whose checkpoint exists, from their metadata."""
-    return [
-        Offer.from_checkpoint(run.key, run.spec["out"])
-        for run in runs
-        if io_storage.is_checkpoint(run.spec["out"])
-    ]
-
-
-def resoup(
-    root: Location,
-    methods: tuple[str, ...] = METHODS,
-    accept: str | None = None,
-    device: str = "auto",
-) -> list[dict]:
-    """Recompute a sweep's soups from its trial checkpoints, without Ray or retraining.
-
-    Writes the same ``soups`` / ``soup_steps`` parts (and soup checkpoints) as the actor,
-    replacing them; ``accept`` defaults to the sweep's ``soup_accept``.
-    """
-    root = io_storage.resolve(root)
-    config = read_config(root)
-    with SweepLease(root):  # never next to a running sweep's soup actor
-        return _resoup_held(root, config, methods, accept, device)
-
-
-def _resoup_held(
-    root: Location, config: SweepConfig, methods: tuple[str, ...], accept: str | None, device: str
-) -> list[dict]:
-    runs = plan_sweep(config, root).get("target", [])
-    offers = finished_offers(runs)
-    if not offers:
-        raise FileNotFoundError(f"{root}: no finished target trial to soup")
-    damaged = [(o.checkpoint, why) for o in offers if (why := io_storage.verify(o.checkpoint))]
-    if damaged:  # before any soup is replaced: a soup must not silently lose a trial
-        listed = "; ".join(f"{path}: {why}" for path, why in damaged[:5])
-        raise CheckpointError(
-            f"{len(damaged)} trial checkpoint(s) are damaged ({listed}). Delete the damaged "
-            f"folder(s) and run the sweep's command again (it retrains exactly those "
-            f"runs), then soup again"
-        )
-    # Best first, each trial is decided once: the batch order of Recipe 1, fewest evaluations.
-    offers.sort(key=lambda offer: rank_key(offer.candidate))
-    maker = SoupMaker(
-        root,
-        config.name,
-        accept=accept or config.soup_accept,
-        data_dir=config.data_dir,
-        holdout_fraction=config.holdout_fraction,
-        device=device,
-        max_models=config.soup_max_models,
-        methods=methods,
-        persist=False,
-        expected=planned_groups(runs),
-    )
-    maker.offer(offers)
-    return maker.finalize_all()

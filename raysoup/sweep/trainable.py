@@ -99,7 +99,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from raysoup.io import storage
     from raysoup.options import from_mapping
     from raysoup.results import ResultsStore
-    from raysoup.soup.actor import GROUP_FIELDS, OFFER_FIELDS
+    from raysoup.sweep.soup_actor import GROUP_FIELDS, OFFER_FIELDS
     from raysoup.training.trainer import RunSpec, adopt_cached_base, cache_base, train_run
 
     run = config["run"]
