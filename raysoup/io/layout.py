@@ -73,7 +73,7 @@ class SweepLayout:
         return here if stage is None else storage.join(here, stage)
 
     def checkpoint(self, stage: str, key: str) -> Location:
-        return storage.join(self.root, CHECKPOINTS, stage, key)
+        return storage.join(self.checkpoints(stage), key)
 
     def failure(self, stage: str, key: str) -> Location:
         return storage.join(self.root, FAILURES, stage, f"{key}.txt")

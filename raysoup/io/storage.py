@@ -253,9 +253,6 @@ def _put_atomic(fs: pafs.FileSystem, path: str, data: bytes | memoryview) -> Non
 def write_bytes_atomic(location: Location, data: bytes | memoryview) -> None:
     """Replace ``location`` with ``data``: readers see the old bytes or the new, never a
     mix (local: write, fsync, rename; URI: temporary key, then move)."""
-    if not is_uri(location):
-        atomic_write_bytes(local_path(location), data)
-        return
     write_atomic_in(*filesystem(location), data)
 
 

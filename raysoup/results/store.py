@@ -51,7 +51,6 @@ class ResultsStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.fspath(root)
         self._fs, self._path = storage.filesystem(self.root)
-        self._local = isinstance(self._fs, pafs.LocalFileSystem)
 
     def __repr__(self) -> str:
         return f"ResultsStore({self.root!r})"
