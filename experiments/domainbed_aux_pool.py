@@ -35,6 +35,7 @@ from raysoup.sweep.cluster import connect
 from raysoup.sweep.config import SweepConfig
 from raysoup.sweep.script_options import (
     DATASETS,
+    add_lp_stage_steps,
     add_run_options,
     check_inputs,
     run_option_values,
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", required=True, type=Path, help="DomainBed data root (every node sees it)")
     add("--n-hparams", type=int, default=4, help="auxiliary runs per dataset (hparams seeds)")
     add("--steps", type=int, default=None, help="steps per run (default: DomainBed's)")
-    add("--lp-steps", type=int, default=None, help="linear-probe steps (default: DomainBed's)")
+    add_lp_stage_steps(parser)
     add("--storage", default="runs", help="shared path every node sees")
     add("--name", default="domainbed-aux-pool", help="experiment name")
     add_run_options(parser)
@@ -73,7 +74,7 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         "aux_datasets": args.datasets,
         "aux_n_hparams": args.n_hparams,
         "aux_steps": args.steps,
-        "lp_stage_steps": args.lp_steps,
+        "lp_stage_steps": args.lp_stage_steps,
         **run_option_values(args),
     }
     config = from_mapping(SweepConfig, values, "domainbed_aux_pool.py").validate()

@@ -35,6 +35,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from raysoup.contract import INITS
 from raysoup.io.layout import SweepLayout
 from raysoup.options import OptionsError, from_mapping
 from raysoup.results import load_results, sweep_table
@@ -43,12 +44,12 @@ from raysoup.sweep.config import SweepConfig
 from raysoup.sweep.plan import plan_sweep
 from raysoup.sweep.script_options import (
     DATASETS,
+    add_lp_stage_steps,
     add_run_options,
     check_inputs,
     run_option_values,
     run_sweep_for_script,
 )
-from raysoup.training.inits import INIT_STRATEGIES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--init",
         nargs="+",
-        default=list(INIT_STRATEGIES),
-        choices=INIT_STRATEGIES,
+        default=list(INITS),
+        choices=INITS,
         help="init strategies to sweep (default: all three)",
     )
     add("--fusing-range", type=float, default=4.0, help="R in lambda = softmax(R*u)")
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--name", default=None, help="experiment name (default: domainbed-<dataset>)")
     add("--steps", type=int, default=None, help="target steps (default: DomainBed's)")
     add("--aux-steps", type=int, default=None, help="auxiliary steps (default: DomainBed's)")
-    add("--lp-steps", type=int, default=None, help="linear-probe steps (default: DomainBed's)")
+    add_lp_stage_steps(parser)
     add_run_options(parser)
     return parser
 
@@ -146,7 +147,7 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         "aux_pool": args.aux_pool,
         "steps": args.steps,
         "aux_steps": args.aux_steps,
-        "lp_stage_steps": args.lp_steps,
+        "lp_stage_steps": args.lp_stage_steps,
         "fusing_range": args.fusing_range,
         "target_keep": args.target_keep,
         "lp_per_trial_seed": args.lp_per_trial_seed,

@@ -6,10 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from raysoup.options import OptionsError, add_arguments, from_mapping
-from raysoup.sweep.lease import EXIT_HELD, LeaseHeldError
+from raysoup.contract import ACCEPT, METHODS
+from raysoup.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, RaysoupError
+from raysoup.options import add_arguments, from_mapping
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_HELD", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -101,7 +102,7 @@ def _results(args: argparse.Namespace) -> int:
 
 def _soup(args: argparse.Namespace) -> int:
     from raysoup.results import load_results, sweep_table
-    from raysoup.soup.maker import METHODS, describe
+    from raysoup.soup.maker import describe
     from raysoup.soup.posthoc import resoup
 
     methods = METHODS if args.method == "all" else ("erm", args.method)
@@ -167,36 +168,37 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     soup.add_argument(
         "--method",
         default="all",
-        choices=["all", "greedy", "uniform", "uniform_all", "ensemble"],
+        choices=["all", *(m for m in METHODS if m != "erm")],
         help="which soups to recompute (erm always comes along); default: all",
     )
     soup.add_argument(
-        "--accept", default=None, choices=["ge", "gt"], help="default: the sweep's soup_accept"
+        "--accept", default=None, choices=ACCEPT, help="default: the sweep's soup_accept"
     )
     soup.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     soup.set_defaults(handler=_soup)
     return parser
 
 
-EXIT_BAD_INPUT = 2  # a bad config, path, storage or checkpoint: fix the input
-# 3: the sweep ended but some runs failed (raysoup.sweep.runner.EXIT_TRIALS_FAILED)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes by meaning (the table in ``raysoup.errors`` and the README)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(with_train=argv[:1] != ["run"])
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except LeaseHeldError as error:
-        print(f"raysoup {args.command}: refused: {error}", file=sys.stderr)
-        return EXIT_HELD
-    except (OptionsError, ValueError, FileNotFoundError) as error:
-        print(f"raysoup {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError as error:  # e.g. SweepError: a stage did not finish
-        print(f"raysoup {args.command}: {error}", file=sys.stderr)
-        return 1
+    except RaysoupError as error:
+        return _report(args.command, error.label, error, error.exit_code)
+    except FileNotFoundError as error:  # a path given that does not exist
+        return _report(args.command, "error", error, EXIT_BAD_INPUT)
+    except OSError as error:  # a disk, a network, a cluster address
+        return _report(args.command, "environment", error, EXIT_ENVIRONMENT)
+    except ValueError as error:  # the pure functions' checks of what the user gave
+        return _report(args.command, "error", error, EXIT_BAD_INPUT)
+
+
+def _report(command: str, label: str, error: BaseException, code: int) -> int:
+    print(f"raysoup {command}: {label}: {error}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from raysoup.errors import BadInputError
 from raysoup.io import storage
 
 OptionsT = TypeVar("OptionsT")
 
 
-class OptionsError(ValueError):
+class OptionsError(BadInputError):
     """An option has an unknown name, a wrong type or an impossible value."""
 
 

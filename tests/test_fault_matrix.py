@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raysoup.cli import EXIT_BAD_INPUT, EXIT_HELD
+from raysoup.errors import EXIT_BAD_INPUT, EXIT_HELD, EXIT_SWEEP
+from raysoup.io.layout import SweepLayout
 from raysoup.io.storage import find_checkpoints
 from raysoup.results import load_results
 from raysoup.results.schema import KINDS
@@ -99,6 +100,9 @@ def _interrupt(config: Path, storage: Path, log_path: Path, sig: int, more: int)
     driver.wait(timeout=120)
     assert after <= n_done() < 6, f"expected an unfinished target stage, found {n_done()} of 6"
     assert lease.exists() == (sig == signal.SIGKILL)  # SIGINT releases it on the way out
+    if sig == signal.SIGINT:  # the exit-code table's row 1: a stage that did not finish
+        assert driver.returncode == EXIT_SWEEP, log_path.read_text()[-3000:]
+        assert "Run the same command again to resume" in log_path.read_text()
     return log_path.read_text()
 
 
@@ -242,7 +246,7 @@ def test_fault_soup_state_torn_by_a_kill_mid_write(reference) -> None:
     previous ``state.json`` and a half-written hidden temporary file beside it. (A kill
     at any other moment is ``test_soup_actor.py``'s killed-actor test.)"""
     *_, config, runs = reference
-    state = runs / "interrupt" / "soup" / "state.json"
+    state = SweepLayout(runs / "interrupt").soup_state
     good = json.loads(state.read_bytes())
     torn = state.parent / f".state.json.tmp-{uuid.uuid4().hex}"
     torn.write_bytes(state.read_bytes()[:200])

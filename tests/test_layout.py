@@ -37,8 +37,8 @@ def test_a_uri_and_a_path_get_the_same_layout(storage_root: str, tmp_path: Path)
     assert tail(layout.record) == "exp/sweep.json"
     assert tail(layout.checkpoint("aux", "aux-X-h0")) == "exp/checkpoints/aux/aux-X-h0"
     assert tail(layout.failure("lp", "k")) == "exp/failures/lp/k.txt"
-    assert tail(layout.soup_checkpoint("greedy", "g")) == "exp/soups/greedy/g"
-    assert tail(layout.soup_state) == "exp/soup/state.json"
+    assert tail(layout.soup_checkpoint("greedy", "g")) == "exp/checkpoints/soup/greedy/g"
+    assert tail(layout.soup_state) == "exp/soup_state.json"
     assert tail(layout.tune) == "exp/tune" and tail(layout.results) == "exp/results"
     if "://" in storage_root:
         assert str(layout.record).endswith("?endpoint_override=h:9")  # the query stays last

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from raysoup.results import load_results
-from raysoup.soup.group import GroupKey
+from raysoup.soup.group import GroupKey, Offer
 from raysoup.sweep.soup_actor import NAMESPACE, actor_name, start_soup_actor
 
 pytestmark = pytest.mark.slow
@@ -38,17 +38,17 @@ def test_killed_actor_restarts_and_ends_with_identical_soups(
 ) -> None:
     calm = _start(tmp_path / "calm", "calm", soup_trials)
     for offer in soup_trials:
-        calm.offer.remote([offer.to_dict()])
+        calm.offer.remote([offer])
     assert ray.get(calm.finalize.remote()) == []  # the last offer already finalized it
     assert ray.get_actor(actor_name("calm", tmp_path / "calm"), namespace=NAMESPACE)
 
     actor = _start(tmp_path / "killed", "killed", soup_trials)
-    ray.get(actor.offer.remote([o.to_dict() for o in soup_trials[:2]]))
+    ray.get(actor.offer.remote(soup_trials[:2]))
     pid = ray.get(actor.pid.remote())
-    actor.offer.remote([soup_trials[2].to_dict()])  # maybe in flight when killed: retried
+    actor.offer.remote([soup_trials[2]])  # maybe in flight when killed: retried
     ray.kill(actor, no_restart=False)
     for offer in soup_trials[2:]:
-        actor.offer.remote([offer.to_dict()])  # queued while it restarts
+        actor.offer.remote([offer])  # queued while it restarts
     ray.get(actor.finalize.remote())
     new_pid = ray.get(actor.pid.remote())
     assert new_pid != pid, "the actor was not restarted"
@@ -88,9 +88,8 @@ def test_feeder_batches_trials_and_sends_the_rest_at_the_end(
     feeder = SoupFeeder(actor_name("fed", tmp_path), every_s=3600.0)
     for offer in soup_trials:
         result = {"final": True, "stage": "target", "key": offer.trial_id}
-        result.update({k: v for k, v in offer.to_dict().items() if k != "group"})
-        result.update(offer.group.__dict__)
-        assert offer_from_result(result)["trial_id"] == offer.trial_id
+        result[Offer.RESULT_KEY] = offer.to_dict()
+        assert offer_from_result(result) == offer  # the one encoding, both ways
         feeder.on_trial_complete(0, [], SimpleNamespace(last_result=result))
     assert feeder.waiting == [o.trial_id for o in soup_trials[1:]]  # the first went at once
     feeder.on_step_begin(0, [])

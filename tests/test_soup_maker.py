@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from raysoup.io.checkpoint import load_checkpoint, read_meta
+from raysoup.io.layout import SweepLayout
 from raysoup.results import load_results
 from raysoup.soup import batch_greedy, rank_key
 from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
@@ -154,7 +155,7 @@ def test_restart_restores_without_evaluating_and_ends_identical(trials, tmp_path
     steps_before = load_results(tmp_path / "restarted")["soup_steps"]
     # "restart": a new maker on the same storage (what a restarted actor does)
     second = _maker(tmp_path / "restarted", trials)
-    assert second.n_evaluations == 0 and len(second.groups[KEY].offers) == 3
+    assert second.n_scorings == 0 and len(second.groups[KEY].offers) == 3
     steps_after = load_results(tmp_path / "restarted")["soup_steps"]
     pd.testing.assert_frame_equal(steps_before, steps_after)  # same decisions, same times
     second.offer(trials)  # the rest (and the first three again)
@@ -172,7 +173,7 @@ def test_restart_restores_without_evaluating_and_ends_identical(trials, tmp_path
     third = _maker(tmp_path / "restarted", trials)
     third.offer(trials)
     assert third.finalize_all() == []
-    assert third.n_evaluations == 0
+    assert third.n_scorings == 0
     assert len(_soups(tmp_path / "restarted")) == 5
     soup_parts = {p: m for p, m in mtimes.items() if "soups" in p.parts}
     assert soup_parts == {p: p.stat().st_mtime_ns for p in soup_parts}
@@ -227,7 +228,7 @@ def test_accept_gt_never_takes_a_tie_and_bad_options_are_refused(trials, tmp_pat
 def test_state_file_is_plain_json_with_every_decision(trials, tmp_path) -> None:
     maker = _maker(tmp_path, trials)
     maker.offer(trials[:4])
-    state = json.loads((tmp_path / "soup" / "state.json").read_text())
+    state = json.loads(Path(SweepLayout(tmp_path).soup_state).read_text())
     (group,) = state["groups"]
     assert len(group["offers"]) == 4 and len(group["decided_at"]) == 4
     assert all(0 <= acc <= 1 for _, acc in group["memo"])
@@ -283,5 +284,5 @@ def test_uniform_all_waits_for_every_trial_seed_then_averages_them_all(
     # a restarted maker has it: nothing recomputed, nothing duplicated
     again = _maker(tmp_path / "run", trials, expected=expected, methods=methods)
     again.offer(seed0 + seed1)
-    assert again.finalize_all() == [] and again.n_evaluations == 0
+    assert again.finalize_all() == [] and again.n_scorings == 0
     assert len(_soups(tmp_path / "run")) == 3

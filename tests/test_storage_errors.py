@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from raysoup.cli import EXIT_BAD_INPUT, main
+from raysoup.cli import main
+from raysoup.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT
 from raysoup.io import storage
 from raysoup.io.storage import StorageError
 
@@ -34,7 +35,7 @@ def test_storage_that_is_a_file(tmp_path: Path, capsys) -> None:
 def test_storage_that_cannot_be_written(capsys) -> None:
     # /sys refuses new entries even to root, unlike a chmod-ed folder
     code, err = _run_cli("/sys/raysoup-cannot-write-here", capsys)
-    assert code == EXIT_BAD_INPUT
+    assert code == EXIT_ENVIRONMENT
     assert "/sys/raysoup-cannot-write-here" in err and "cannot write there" in err
 
 
@@ -108,7 +109,7 @@ def test_missing_bucket_is_reported_before_ray_starts(capsys) -> None:
     with pytest.raises(StorageError, match="the bucket does not exist"):
         storage.check_writable("s3://raysoup-no-such-bucket/runs")
     code, err = _run_cli("s3://raysoup-no-such-bucket/runs", capsys)
-    assert code == EXIT_BAD_INPUT and "s3://raysoup-no-such-bucket/runs" in err
+    assert code == EXIT_ENVIRONMENT and "s3://raysoup-no-such-bucket/runs" in err
     assert not ray.is_initialized()
 
 

@@ -152,9 +152,9 @@ def test_sweep_on_s3_then_resume(local_ray, s3_bucket, capfd) -> None:
     group_methods = ["erm", "uniform", "greedy", "ensemble"]
     assert sorted(soups.method) == sorted([*group_methods, "uniform_all"] * 2)
     for method in ("uniform", "greedy"):
-        assert f"soups/{method}/MiniRotatedMNIST-e5-s0-fusing/raysoup.json" in files
-    assert "soups/uniform_all/MiniRotatedMNIST-e5-sall-fusing/raysoup.json" in files
-    assert "soup/state.json" in files
+        assert f"checkpoints/soup/{method}/MiniRotatedMNIST-e5-s0-fusing/raysoup.json" in files
+    assert "checkpoints/soup/uniform_all/MiniRotatedMNIST-e5-sall-fusing/raysoup.json" in files
+    assert "soup_state.json" in files
     for checkpoint in soups.checkpoint.dropna():
         assert storage.is_checkpoint(checkpoint) and checkpoint.startswith(root)
     capfd.readouterr()

@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from raysoup.devices import resolve_device
+from raysoup.errors import RaysoupError
+
 DEVICES = ("auto", "cpu", "cuda")
 RESULTS_DIR = Path("bench-results")
 Row = dict[str, Any]
@@ -35,27 +38,17 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
 
 def start_local_ray(tmp: Path, cpus: int, gpus: int = 0) -> None:
     """A private local Ray instance (own temp dir: never a stale cluster from /tmp/ray)."""
-    import ray
+    from raysoup.sweep.cluster import LOCAL, connect
 
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        num_gpus=gpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=str(tmp),
-    )
+    connect(LOCAL, num_cpus=cpus, num_gpus=gpus, log_to_driver=False, _temp_dir=str(tmp))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
-    if name not in DEVICES:
-        raise ValueError(f"device {name!r}: expected one of {DEVICES}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but CUDA is not available on this machine")
-    return torch.device(name)
+def device_from_args(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``raysoup.devices.resolve_device``; a device this machine lacks is the parser's error."""
+    try:
+        return resolve_device(name)
+    except RaysoupError as error:
+        parser.error(str(error))
 
 
 def synchronize(device: torch.device) -> None:

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 import torch
 from benchlib import (
     add_common_arguments,
+    device_from_args,
     format_table,
     machine,
     median,
     quantile,
-    resolve_device,
     script_parser,
     synchronize,
     write_rows,
@@ -268,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    device = device_from_args(parser, args.device)
     state = build_state(args.model, device, args.seed)
     new = perturbed(state, args.seed + 1)
     items = contenders(state, new, device)

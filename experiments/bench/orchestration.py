@@ -43,10 +43,10 @@ from typing import Any
 import torch
 from benchlib import (
     add_common_arguments,
+    device_from_args,
     format_table,
     machine,
     median,
-    resolve_device,
     script_parser,
     start_local_ray,
     write_rows,
@@ -237,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trials < 1 or args.steps < 1 or args.cpus < 1 or args.calibrate < 1:
         parser.error("--trials, --steps, --cpus and --calibrate must be >= 1")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    device = device_from_args(parser, args.device)
     slots = min(args.cpus, args.trials)
     rows = []
     with tempfile.TemporaryDirectory(prefix="orch-") as tmp:

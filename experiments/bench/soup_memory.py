@@ -115,7 +115,7 @@ def soup_peak(
     return {
         "n": len(candidates),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "evaluations": maker.n_evaluations,
+        "evaluations": maker.n_scorings,
         "loads": group.states.n_loads,
         "greedy_size": next(r["n_ingredients"] for r in rows if r["method"] == "greedy"),
         "wall_s": time.time() - started,
@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: tests load this module by path for make_candidates / measure alone.
     from benchlib import (
         add_common_arguments,
+        device_from_args,
         format_table,
         machine,
-        resolve_device,
         script_parser,
         write_rows,
     )
@@ -280,10 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.n) < 2 or args.max_models < 0:
         parser.error("--n values must be >= 2 and --max-models >= 0")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    device = device_from_args(parser, args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)

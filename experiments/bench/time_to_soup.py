@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from benchlib import (
     add_common_arguments,
+    device_from_args,
     format_table,
     machine,
     median,
-    resolve_device,
     script_parser,
     start_local_ray,
     write_rows,
@@ -125,7 +125,7 @@ def maker_counts(maker: Any) -> Counts:
         "evals": group.greedy.n_evaluations,
         "memo_hits": group.greedy.memo_hits,
         "loads": group.states.n_loads,
-        "scorings": maker.n_evaluations,
+        "scorings": maker.n_scorings,
     }
 
 
@@ -175,7 +175,7 @@ def _actor_counts(actor: Any) -> Counts:
             "evals": g.greedy.n_evaluations,
             "memo_hits": g.greedy.memo_hits,
             "loads": g.states.n_loads,
-            "scorings": m.n_evaluations,
+            "scorings": m.n_scorings,
             "greedy": list(g.greedy.ingredients),
         }
     )(next(iter(self.maker.groups.values())), self.maker)
@@ -304,10 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         parser.error("--k values must be >= 2; --steps, --repeats, --threads, --orders >= 1")
     torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    device = device_from_args(parser, args.device)
     with tempfile.TemporaryDirectory(prefix="tts-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)

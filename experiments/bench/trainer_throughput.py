@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from benchlib import (
     add_common_arguments,
+    device_from_args,
     format_table,
     machine,
     median,
-    resolve_device,
     script_parser,
     synchronize,
     write_rows,
@@ -145,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    device = device_from_args(parser, args.device)
     from raysoup.data.registry import dataset_class
 
     try:

@@ -8,8 +8,10 @@ from typing import ClassVar
 import torch
 from torch.utils.data import Dataset
 
+from raysoup.errors import BadInputError
 
-class DatasetError(ValueError):
+
+class DatasetError(BadInputError):
     """A dataset is missing, malformed or unknown; the message names what was expected."""
 
 

@@ -59,7 +59,7 @@ class RenderedDataset(MultiDomainDataset):
     IS_BUILTIN: ClassVar[bool] = True
     STYLES: ClassVar[list[Style]]
 
-    def __init__(self, data_dir: object = None, augment: bool = True) -> None:
+    def __init__(self) -> None:  # rendered in memory: no folder, no augmentation
         self.envs = _built(type(self))
 
     def sources(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -26,9 +26,12 @@ def dataset_class(name: str) -> type[MultiDomainDataset]:
 def load_dataset(
     name: str, data_dir: str | Path | None = None, augment: bool = True
 ) -> MultiDomainDataset:
-    """Build dataset ``name``; on-disk datasets need ``data_dir``."""
+    """Build dataset ``name``; on-disk datasets need ``data_dir`` and take ``augment``
+    (the built-in ones are generated, with no augmentation, as DomainBed's MNISTs)."""
     cls = dataset_class(name)
-    if not cls.IS_BUILTIN and data_dir is None:
+    if cls.IS_BUILTIN:
+        return cls()
+    if data_dir is None:
         raise DatasetError(
             f"dataset {name!r} is read from disk: give --data-dir DIR holding "
             f"DIR/{getattr(cls, 'FOLDER', name)}/<env>/<class>/<image>"

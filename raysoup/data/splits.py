@@ -25,6 +25,26 @@ class EnvSplit:
     in_indices: np.ndarray
     out_indices: np.ndarray
 
+    def part(self, name: str) -> np.ndarray:
+        """The indices of part ``"in"`` or ``"out"``."""
+        return {"in": self.in_indices, "out": self.out_indices}[name]
+
+
+Part = tuple[int, str]  # (env index, "in" | "out")
+
+
+def id_val_parts(splits: list[EnvSplit], test_env: int) -> list[Part]:
+    """What ``id_val_acc`` pools: the ``out`` splits of the training envs (the number the
+    greedy soup sorts and accepts by). Trainer and soup evaluator both ask here, so a
+    one-ingredient soup scores exactly its trial's number."""
+    return [(s.env_index, "out") for s in splits if s.env_index != test_env]
+
+
+def test_parts(splits: list[EnvSplit], test_env: int) -> list[Part]:
+    """What ``test_acc`` pools: the whole held-out env, ``in`` then ``out`` (as the DiWA
+    and ratatouille soup scripts report it); none without a test env."""
+    return [(test_env, "in"), (test_env, "out")] if 0 <= test_env < len(splits) else []
+
 
 def split_env(
     n_examples: int, env_index: int, trial_seed: int, holdout_fraction: float

@@ -123,14 +123,31 @@ def is_checkpoint(directory: str | Path) -> bool:
     return (directory / WEIGHTS_FILE).is_file() and (directory / META_FILE).is_file()
 
 
+def not_a_checkpoint(location: object, meta_missing: bool = False) -> CheckpointError:
+    """The error of a folder (local or URI) that holds no raysoup checkpoint."""
+    why = f": {META_FILE} is missing" if meta_missing else ""
+    return CheckpointError(
+        f"{location} is not a raysoup checkpoint{why} (expected {WEIGHTS_FILE} and {META_FILE})"
+    )
+
+
+def hash_mismatch(
+    weights: object, actual: str, expected: str, downloaded: bool = False
+) -> CheckpointError:
+    """The error of weights whose content hash is not the one their metadata records."""
+    prefix, where = ("downloaded weights: ", "remote ") if downloaded else ("", "")
+    return CheckpointError(
+        f"{weights}: {prefix}content hash {actual[:16]}... does not match the "
+        f"{expected[:16] or '<none>'}... recorded in {META_FILE}: the {where}file is corrupt, "
+        f"truncated or was replaced"
+    )
+
+
 def read_meta(directory: str | Path) -> CheckpointMeta:
     directory = Path(directory)
     path = directory / META_FILE
     if not path.is_file():
-        raise CheckpointError(
-            f"{directory} is not a raysoup checkpoint: {META_FILE} is missing "
-            f"(expected {WEIGHTS_FILE} and {META_FILE})"
-        )
+        raise not_a_checkpoint(directory, meta_missing=True)
     return meta_from_bytes(read_meta_bytes(path), path)
 
 
@@ -194,11 +211,7 @@ def load_checkpoint(
     if verify_hash:
         actual = file_sha256(weights)
         if actual != meta.content_hash:
-            raise CheckpointError(
-                f"{weights}: content hash {actual[:16]}... does not match the "
-                f"{meta.content_hash[:16]}... recorded in {META_FILE}: the file is corrupt, "
-                f"truncated or was replaced"
-            )
+            raise hash_mismatch(weights, actual, meta.content_hash)
     state = _load_checked(weights)
     if reference is not None:
         check_state_dict(state, reference, weights)

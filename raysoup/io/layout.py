@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raysoup.contract import SOUP_STAGE
 from raysoup.io import storage
 from raysoup.io.storage import Location
 
@@ -21,20 +22,18 @@ TUNE_EXPERIMENT = "sweep"  # <root>/tune/sweep/: the one Tune experiment of ever
 CHECKPOINTS = "checkpoints"
 FAILURES = "failures"
 RESULTS = "results"
-SOUP_STATE_DIR = "soup"
-SOUP_STATE_FILE = "state.json"
-SOUP_CHECKPOINTS = "soups"
+SOUP_STATE = "soup_state.json"
 
 # (path pattern under the sweep folder, what it holds), in the README's order.
 ENTRIES: tuple[tuple[str, str], ...] = (
     (RECORD, "the config the sweep was made with"),
     (f"{TUNE}/{TUNE_EXPERIMENT}/", "Ray Tune's experiment state and trial logs"),
     (f"{CHECKPOINTS}/<stage>/<key>/", "one checkpoint per run (base, lp, aux, target)"),
+    (f"{CHECKPOINTS}/{SOUP_STAGE}/<method>/<group>/", "soup checkpoints"),
     (f"{FAILURES}/<stage>/<key>.txt", "the full error of a run that failed"),
     (LEASE, "the driver holding the sweep, while one does"),
     (LEASE_LOCK, "local paths: the lock of a lease take-over"),
-    (f"{SOUP_STATE_DIR}/{SOUP_STATE_FILE}", "the soup actor's state"),
-    (f"{SOUP_CHECKPOINTS}/<method>/<group>/", "soup checkpoints"),
+    (SOUP_STATE, "the soup actor's state"),
     (f"{RESULTS}/", "the Parquet datasets trials/, soup_steps/, soups/"),
 )
 
@@ -84,8 +83,8 @@ class SweepLayout:
 
     @property
     def soup_state(self) -> Location:
-        return storage.join(self.root, SOUP_STATE_DIR, SOUP_STATE_FILE)
+        return storage.join(self.root, SOUP_STATE)
 
     def soup_checkpoint(self, method: str, group: str) -> Location:
         """The checkpoint of soup ``method`` of the group whose slug is ``group``."""
-        return storage.join(self.root, SOUP_CHECKPOINTS, method, group)
+        return storage.join(self.checkpoints(SOUP_STAGE), method, group)

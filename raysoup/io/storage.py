@@ -51,6 +51,7 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
+from raysoup.errors import EXIT_BAD_INPUT, BadInputError, EnvironmentProblemError
 from raysoup.io.atomic import atomic_write_bytes, fsync_dir, fsync_tree, hidden_name, replace_dir
 from raysoup.io.checkpoint import (
     META_FILE,
@@ -58,7 +59,9 @@ from raysoup.io.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     file_sha256,
+    hash_mismatch,
     meta_from_bytes,
+    not_a_checkpoint,
 )
 from raysoup.io.checkpoint import is_checkpoint as _is_local_checkpoint
 from raysoup.io.checkpoint import read_meta as _read_local_meta
@@ -143,15 +146,24 @@ def filesystem(location: Location) -> tuple[pafs.FileSystem, str]:
     try:
         fs, path = pafs.FileSystem.from_uri(str(location))
     except ValueError as error:  # ArrowInvalid: unknown scheme, malformed URI
-        raise ValueError(f"storage {location!r}: not a usable URI ({error})") from error
+        raise StorageLocationError(f"storage {location!r}: not a usable URI ({error})") from error
     return fs, path.rstrip("/")
 
 
 # ---------------------------------------------------------------- a usable place
 
 
-class StorageError(ValueError):
-    """A storage location that cannot hold a sweep; the message says which and why."""
+class StorageError(EnvironmentProblemError):
+    """Storage that cannot be reached or written (bucket missing, credentials refused,
+    endpoint down, disk full, read-only); the message says which and what to do."""
+
+
+class StorageLocationError(StorageError, BadInputError):
+    """A storage location that cannot be one: a malformed URI, a file where a folder
+    must be. Fix the argument."""
+
+    exit_code = EXIT_BAD_INPUT
+    label = "error"
 
 
 def _explain(error: OSError) -> str:
@@ -194,7 +206,7 @@ def check_writable(location: Location) -> None:
         path = local_path(location).absolute()
         blocker = _file_on_the_way(path)
         if blocker is not None:
-            raise StorageError(
+            raise StorageLocationError(
                 f"storage {location}: {blocker} is a file, not a directory; "
                 f"give --storage a directory (it is created if missing)"
             )
@@ -285,10 +297,7 @@ def read_meta(location: Location) -> CheckpointMeta:
     try:
         raw = _read_marker(marker)
     except FileNotFoundError:
-        raise CheckpointError(
-            f"{location} is not a raysoup checkpoint: {META_FILE} is missing "
-            f"(expected {WEIGHTS_FILE} and {META_FILE})"
-        ) from None
+        raise not_a_checkpoint(location, meta_missing=True) from None
     return meta_from_bytes(raw, marker)
 
 
@@ -383,17 +392,12 @@ def verify(location: Location) -> str | None:
 def _check_local_checkpoint(directory: Path) -> bytes:
     """The marker bytes of a complete local checkpoint whose weights match its hash."""
     if not _is_local_checkpoint(directory):
-        raise CheckpointError(
-            f"{directory} is not a raysoup checkpoint (expected {WEIGHTS_FILE} and {META_FILE})"
-        )
+        raise not_a_checkpoint(directory)
     raw = read_meta_bytes(directory / META_FILE)
     expected = meta_from_bytes(raw, directory / META_FILE).content_hash
     actual = file_sha256(directory / WEIGHTS_FILE)
     if actual != expected:
-        raise CheckpointError(
-            f"{directory / WEIGHTS_FILE}: content hash {actual[:16]}... does not match the "
-            f"{expected[:16] or '<none>'}... recorded in {META_FILE}"
-        )
+        raise hash_mismatch(directory / WEIGHTS_FILE, actual, expected)
     return raw
 
 
@@ -501,9 +505,7 @@ def local_checkpoint(location: Location, cache_dir: Path | None = None) -> Path:
     checkpoint, or if the downloaded weights do not match the recorded content hash.
     """
     if not is_checkpoint(location):
-        raise CheckpointError(
-            f"{location} is not a raysoup checkpoint (expected {WEIGHTS_FILE} and {META_FILE})"
-        )
+        raise not_a_checkpoint(location)
     if not is_uri(location):
         return local_path(location)
     marker_location = join(location, META_FILE)
@@ -534,11 +536,7 @@ def local_checkpoint(location: Location, cache_dir: Path | None = None) -> Path:
             )
         actual = file_sha256(tmp / WEIGHTS_FILE)
         if actual != expected:
-            raise CheckpointError(
-                f"{join(location, WEIGHTS_FILE)}: downloaded weights have content hash "
-                f"{actual[:16]}..., {META_FILE} records {expected[:16]}...: the remote file is "
-                f"corrupt, truncated or was replaced"
-            )
+            raise hash_mismatch(join(location, WEIGHTS_FILE), actual, expected, downloaded=True)
         atomic_write_bytes(tmp / META_FILE, marker)
         _rename_into_place(tmp, target)
     finally:

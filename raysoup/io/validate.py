@@ -24,10 +24,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from raysoup.contract import SOUP_STAGE, STAGES
+from raysoup.errors import BadInputError
+
 MAX_META_BYTES = 1 << 20  # ours are ~1 KB; a bound keeps a hostile file out of memory
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
 KNOWN_FORMAT_VERSIONS = (1,)
-STAGES = ("base", "lp", "aux", "target", "soup")
+CHECKPOINT_STAGES = (*STAGES, SOUP_STAGE)
 HEADER_LENGTH_BYTES = 8  # little-endian u64 before the JSON header
 # Bits per element of every safetensors dtype (sub-byte floats pack several per byte).
 DTYPE_BITS = {
@@ -55,7 +58,7 @@ DTYPE_BITS = {
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInputError):
     """A checkpoint is missing, corrupt, or does not fit; the message names the file."""
 
 
@@ -117,8 +120,8 @@ def meta_problems(data: Mapping[str, Any]) -> list[str]:
     for name in ("dataset", "arch"):
         if name in data and not (isinstance(data[name], str) and data[name]):
             problems.append(f"{name} must be a non-empty string, got {data[name]!r:.80}")
-    if "stage" in data and data["stage"] not in STAGES:
-        problems.append(f"stage must be one of {STAGES}, got {data['stage']!r:.80}")
+    if "stage" in data and data["stage"] not in CHECKPOINT_STAGES:
+        problems.append(f"stage must be one of {CHECKPOINT_STAGES}, got {data['stage']!r:.80}")
     envs = data.get("envs")
     if "envs" in data and not _is_str_list(envs):
         problems.append(f"envs must be a list of strings, got {envs!r:.80}")

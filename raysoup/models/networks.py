@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from raysoup.errors import EnvironmentProblemError
 from raysoup.io.checkpoint import import_state_dict
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ ARCHS = ("cnn", "glyphcnn", "resnet18", "resnet50")
 SMALL_ARCHS = ("cnn", "glyphcnn")  # pretrained on built-in data, not ImageNet
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(EnvironmentProblemError):
     """Pretrained weights could not be found offline nor downloaded."""
 
 

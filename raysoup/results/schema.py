@@ -26,14 +26,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from raysoup.contract import ALL_SEEDS_METHODS, INITS, METHODS, STAGES
+
 KINDS = ("trials", "soup_steps", "soups")
-STAGES = ("base", "lp", "aux", "target")
-INITS = ("pretrained", "ratatouille", "fusing")
-# erm: best single trial by ID-val; uniform / greedy: soups of a group's trials;
+# METHODS: erm: best single trial by ID-val; uniform / greedy: soups of a group's trials;
 # uniform_all: one uniform soup of every trial seed's trials (DiWA's uniform†,
 # trial_seed -1, no ID-val: NaN); ensemble: the logit average of a group's trials.
-METHODS = ("erm", "uniform", "greedy", "uniform_all", "ensemble")
-ALL_SEEDS_METHODS = ("uniform_all",)  # rows over every trial seed: trial_seed == ALL_SEEDS
 ALL_SEEDS = -1
 MIN_ENVS = 6  # DomainBed's largest datasets (DomainNet) have 6 envs
 ENV_ACC = re.compile(r"^env(\d+)_(in|out)_acc$")

@@ -25,6 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raysoup.errors import BadInputError
 from raysoup.io import storage
 from raysoup.io.layout import RESULTS, SweepLayout
 from raysoup.results.schema import KINDS, _check_kind, schema, validate_rows
@@ -35,7 +36,7 @@ READ_ATTEMPTS = 3
 PART_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,199}$")
 
 
-class DamagedResultsError(ValueError):
+class DamagedResultsError(BadInputError):
     """A part file that cannot be read; the message names it and how to recover."""
 
 

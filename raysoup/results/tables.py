@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from raysoup.results.schema import ALL_SEEDS_METHODS, INITS, METHODS
+from raysoup.contract import ALL_SEEDS_METHODS, GROUP_COLUMNS, INITS, METHODS
 
 FORMATS = ("text", "markdown", "csv", "latex")
 DONE_STATUSES = ("done", "completed", "ok", "success", "terminated")
@@ -39,7 +39,7 @@ SOUP_COLUMNS = [
     "test_acc",
     "checkpoint",
 ]
-GROUP = ["dataset", "test_env", "trial_seed", "init"]
+GROUP = list(GROUP_COLUMNS)
 LEGENDS = {
     "uniform_all": "uniform_all: one uniform soup of every trial seed's trials per test env "
     "(DiWA's uniform†): a single value, no SE over seeds",

@@ -1,4 +1,4 @@
-"""Uniform averaging of state dicts, kept as a running mean so ingredients can come and go.
+"""Uniform averaging of state dicts, kept as a running mean that ingredients join one by one.
 
 Policy (the reference averages parameters and keeps the first model's buffers; raysoup
 decides explicitly):
@@ -7,9 +7,7 @@ decides explicitly):
   averaged. Averaging the running statistics is what model soups does (it averages the
   whole state dict); DiWA/Ratatouille keep the first model's buffers instead.
 - Integer/bool tensors (BatchNorm's ``num_batches_tracked``) cannot be averaged: the soup
-  takes their elementwise maximum over the ingredients. A maximum cannot be undone by a
-  subtraction, so every distinct value is kept with a multiplicity; these buffers are tiny
-  and the number of distinct values is bounded by the number of ingredients.
+  takes their elementwise maximum over the ingredients (a running maximum).
 
 Arithmetic. The soup holds the running *mean* of its ``n`` ingredients — the running sum
 scaled by ``1/n`` — and adds the ``n+1``-th with one ``lerp``:
@@ -42,7 +40,6 @@ live anywhere (checkpoints are loaded on the CPU) and each tensor moves once per
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -110,9 +107,7 @@ class RunningSoup:
         self._groups: list[_Group] = []
         # average_with(reuse=True) writes each group's large tensors here
         self._buffers: list[list[Tensor]] | None = None
-        self._ints: dict[str, Counter[bytes]] = {}
-        self._int_values: dict[str, dict[bytes, Tensor]] = {}
-        self._int_max: dict[str, Tensor] | None = None  # of _int_values, cached
+        self._int_max: dict[str, Tensor] = {}  # running maxima of the integer buffers (CPU)
         self._count = 0
 
     @property
@@ -131,39 +126,10 @@ class RunningSoup:
         else:
             self._check(state)
             self._lerp_(state, 1.0 / (self._count + 1))
-        for key in self._ints:
-            t = self._as_int(key, state[key])
-            value = t.numpy().tobytes()
-            self._ints[key][value] += 1
-            self._int_values[key].setdefault(value, t)
-        self._int_max = None
+            for key, current in self._int_max.items():
+                new = self._as_int(key, state[key])
+                self._int_max[key] = _maximum(torch.stack([current, new]))
         self._count += 1
-
-    def subtract(self, state: Mapping[str, Tensor]) -> None:
-        """Remove one ingredient previously added (integer buffers must match one exactly).
-
-        Approximate for the floating tensors (rounding does not undo exactly): to try a
-        candidate, use ``average_with``.
-        """
-        if self._count == 0:
-            raise ValueError("cannot subtract from an empty soup")
-        self._check(state)
-        values = {key: self._as_int(key, state[key]).numpy().tobytes() for key in self._ints}
-        for key, value in values.items():
-            if self._ints[key][value] == 0:
-                raise ValueError(f"tensor {key!r}: this value was never added to the soup")
-        if self._count == 1:
-            self.clear()
-            return
-        # mean_{n-1} = (n * mean_n - x) / (n - 1) = mean_n + (x - mean_n) * (-1 / (n - 1))
-        self._lerp_(state, -1.0 / (self._count - 1))
-        for key, value in values.items():
-            self._ints[key][value] -= 1
-            if self._ints[key][value] == 0:
-                del self._ints[key][value]
-                del self._int_values[key][value]
-        self._int_max = None
-        self._count -= 1
 
     def average(self) -> dict[str, Tensor]:
         """The uniform soup (new tensors), each in its original dtype and key order."""
@@ -227,8 +193,7 @@ class RunningSoup:
                 dtype = torch.promote_types(self.accum_dtype, t.dtype)
                 groups.setdefault((dtype, self._target_device(t)), []).append((key, t))
             else:
-                self._ints[key] = Counter()
-                self._int_values[key] = {}
+                self._int_max[key] = self._as_int(key, t)
         for (dtype, device), members in groups.items():
             group = _Group([], [], [], [])
             for key, t in members:
@@ -289,11 +254,6 @@ class RunningSoup:
         self, floating: Mapping[str, Tensor], extra: Mapping[str, Tensor] | None
     ) -> dict[str, Tensor]:
         """The soup in key order: ``floating`` plus the integer maxima (with ``extra``'s)."""
-        if self._int_max is None:
-            self._int_max = {
-                key: _maximum(torch.stack(list(values.values())))
-                for key, values in self._int_values.items()
-            }
         ints: dict[str, Tensor] = {}
         if self._int_max:
             keys, maxima = list(self._int_max), list(self._int_max.values())
@@ -310,7 +270,7 @@ class RunningSoup:
         }
 
     def _as_int(self, key: str, t: Tensor) -> Tensor:
-        """A CPU copy in the first state's dtype, so equal values give equal bytes."""
+        """A CPU copy in the first state's dtype."""
         return t.detach().to("cpu", self._specs[key].dtype, copy=True).contiguous()
 
 

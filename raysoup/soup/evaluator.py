@@ -1,8 +1,9 @@
 """Accuracy of a soup's weights on one group's ID-val and test data, loaded once.
 
-A trial's ``id_val_acc`` is measured by ``training.evaluate.evaluate_splits``: the union
-of the training envs' ``out`` splits, no augmentation. The evaluator uses the very same
-splits and batches, so a one-ingredient soup scores exactly its trial's number.
+A trial's ``id_val_acc`` is measured by ``training.evaluate.evaluate_splits`` over the
+parts ``data.splits.id_val_parts`` names (the training envs' ``out`` splits), no
+augmentation. The evaluator pools the very same parts, in the same batches, so a
+one-ingredient soup scores exactly its trial's number.
 
 The ensemble (logit average of several trials) is scored the same way: one trial at a
 time, its logits added to a float64 sum per example in the order given, so the memory is
@@ -23,10 +24,10 @@ import torch
 from raysoup.data.base import MultiDomainDataset
 from raysoup.data.loaders import eval_batches
 from raysoup.data.registry import dataset_class, load_dataset
-from raysoup.data.splits import split_envs
+from raysoup.data.splits import Part, id_val_parts, split_envs, test_parts
 from raysoup.io.checkpoint import CheckpointMeta
 from raysoup.models.networks import Network, build_network
-from raysoup.training.evaluate import count_correct
+from raysoup.training.evaluate import count_correct, pooled_accuracy
 
 
 @dataclass(frozen=True)
@@ -45,20 +46,21 @@ class GroupData:
         self.key = key
         self.dataset: MultiDomainDataset = load_dataset(key.dataset, data_dir, augment=False)
         splits = split_envs(self.dataset.env_sizes(), key.trial_seed, holdout_fraction)
-        self.id_val = [(s.env_index, s.out_indices) for s in splits if s.env_index != key.test_env]
-        test = splits[key.test_env]
-        # The whole held-out env, in the trainer's batches (in, then out): the same logits.
-        self.test = [(test.env_index, test.in_indices), (test.env_index, test.out_indices)]
+
+        def indices(parts: list[Part]) -> list[tuple[int, np.ndarray]]:
+            return [(env, splits[env].part(name)) for env, name in parts]
+
+        # The trainer's parts, in the trainer's batches: the same logits, the same numbers.
+        self.id_val = indices(id_val_parts(splits, key.test_env))
+        self.test = indices(test_parts(splits, key.test_env))
 
     def accuracy(
         self, network: Network, parts: list[tuple[int, np.ndarray]], device: torch.device
     ) -> float:
-        correct = total = 0
-        for env_index, indices in parts:
-            batches = eval_batches(self.dataset, env_index, indices)
-            c, t = count_correct(network, batches, device)
-            correct, total = correct + c, total + t
-        return correct / total if total else float("nan")
+        return pooled_accuracy(
+            count_correct(network, eval_batches(self.dataset, env_index, indices), device)
+            for env_index, indices in parts
+        )
 
     @torch.no_grad()
     def logits(

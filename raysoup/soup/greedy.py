@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-ACCEPT = ("ge", "gt")
+from raysoup.contract import ACCEPT
 
 Evaluate = Callable[[frozenset[str]], float]
 
@@ -162,7 +162,7 @@ class StreamingGreedy:
         self._steps: dict[str, _Step] = {}
         self._decisions: dict[str, Decision] = {}
         self._memo: dict[_Key, float] = dict(memo or {})
-        self.n_evaluations = 0
+        self.n_evaluations = 0  # ingredient sets scored for Recipe 1 (memo hits excluded)
         self.memo_hits = 0
 
     # ------------------------------------------------------------ views

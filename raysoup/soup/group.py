@@ -16,7 +16,7 @@
 - Memory: the fp32 running mean, the trial weights, the network and at most
   ``max_models`` cached state dicts — whatever the number of trials.
 - Every load checks the checkpoint's content hash against the hash the trial was offered
-  with: a checkpoint replaced after it was offered raises ``StaleCheckpoint``, and the
+  with: a checkpoint replaced after it was offered raises ``StaleCheckpointError``, and the
   caller re-offers the new version (``StreamingGreedy`` replaces it consistently).
 """
 
@@ -27,12 +27,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from raysoup.contract import SOUP_STAGE
 from raysoup.io import storage
-from raysoup.io.checkpoint import CheckpointMeta, load_checkpoint
+from raysoup.io.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from raysoup.results.schema import ALL_SEEDS
 from raysoup.soup.average import RunningSoup
 from raysoup.soup.greedy import Candidate, Decision, StreamingGreedy
@@ -63,7 +64,11 @@ class GroupKey:
 
 @dataclass(frozen=True)
 class Offer:
-    """A finished target trial handed to the soup."""
+    """A finished target trial handed to the soup: built from its checkpoint's metadata
+    (``from_meta``), carried as itself between Ray processes, and written as ``to_dict``
+    (in the soup state and in the trial's final Tune result, ``RESULT_KEY``)."""
+
+    RESULT_KEY: ClassVar[str] = "soup_offer"
 
     trial_id: str
     checkpoint: str
@@ -75,7 +80,11 @@ class Offer:
     @classmethod
     def from_checkpoint(cls, trial_id: str, checkpoint: str | Path) -> Offer:
         """The offer of a trial, from its checkpoint's metadata alone (local or URI)."""
-        meta = storage.read_meta(checkpoint)
+        return cls.from_meta(trial_id, checkpoint, storage.read_meta(checkpoint))
+
+    @classmethod
+    def from_meta(cls, trial_id: str, checkpoint: str | Path, meta: CheckpointMeta) -> Offer:
+        """The offer of a trial whose checkpoint at ``checkpoint`` has metadata ``meta``."""
         if meta.stage != "target":
             raise ValueError(
                 f"{checkpoint}: only target trials are souped, this one is stage {meta.stage!r}"
@@ -103,7 +112,7 @@ class Offer:
         return Candidate(self.trial_id, self.id_val_acc, self.content_hash)
 
 
-class StaleCheckpoint(RuntimeError):
+class StaleCheckpointError(CheckpointError):
     """A trial's checkpoint no longer has the content hash it was offered with."""
 
     def __init__(self, offer: Offer, found_hash: str) -> None:
@@ -134,7 +143,7 @@ class StateCache:
         state, meta = load_checkpoint(storage.local_checkpoint(offer.checkpoint))
         self.n_loads += 1
         if meta.content_hash != offer.content_hash:
-            raise StaleCheckpoint(offer, meta.content_hash)
+            raise StaleCheckpointError(offer, meta.content_hash)
         if self.max_models:
             self._cache[item] = state
             while len(self._cache) > self.max_models:
@@ -263,7 +272,7 @@ def soup_meta(
         envs=list(like.envs),
         arch=like.arch,
         num_classes=like.num_classes,
-        stage="soup",
+        stage=SOUP_STAGE,
         test_env=key.test_env,
         trial_seed=key.trial_seed,
         hparams_seed=-1,

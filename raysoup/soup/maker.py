@@ -8,7 +8,7 @@ without Ray). Per group (dataset, test env, trial seed, init):
   part and, once every planned trial of the group has arrived, finalizes it.
 - ``finalize`` writes the ``erm``, ``uniform``, ``greedy`` and ``ensemble`` rows of
   ``soups`` (one part per method and group) and the uniform and greedy soup checkpoints
-  under ``<root>/soups/<method>/<group>/``; ``erm`` points at the best trial's own
+  under ``<root>/checkpoints/soup/<method>/<group>/``; ``erm`` points at the best trial's own
   checkpoint, ``ensemble`` (the logit average of the group's trials) has none.
 - ``finalize_all_seeds`` writes ``uniform_all`` (DiWA's uniform†): one uniform soup of
   every trial of every trial seed of a (dataset, test env, init), ``trial_seed = -1``,
@@ -17,7 +17,7 @@ without Ray). Per group (dataset, test env, trial seed, init):
   (each seed's ``out`` images are other seeds' training images): its ``id_val_acc`` is
   NaN, as the reference, which reports test accuracy alone for it.
 - State (offers, memoised evaluations, decision times, what was finalized) is written
-  atomically to ``<root>/soup/state.json`` after every change. A restarted maker reads
+  atomically to ``<root>/soup_state.json`` after every change. A restarted maker reads
   it and rebuilds every group from the memo without a single evaluation, so decisions
   are neither lost nor duplicated, and results are rewritten under the same part keys.
 """
@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from raysoup.devices import resolve_device
+from raysoup.errors import BadInputError
 from raysoup.io import storage
 from raysoup.io.checkpoint import CheckpointError, save_checkpoint
 from raysoup.io.layout import SweepLayout
@@ -50,7 +52,7 @@ from raysoup.soup.group import (
     GroupSoup,
     Item,
     Offer,
-    StaleCheckpoint,
+    StaleCheckpointError,
     StateCache,
     soup_meta,
 )
@@ -111,9 +113,7 @@ class SoupMaker:
         self.expected = {key: set(ids) for key, ids in (expected or {}).items()}
         self.data_dir = data_dir
         self.holdout_fraction = holdout_fraction
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
+        self.device = resolve_device(device)
         self.max_models = max_models
         self.logit_cache_bytes = int(logit_cache_mb * 2**20)
         self.methods = tuple(m for m in METHODS if m in methods)
@@ -129,7 +129,7 @@ class SoupMaker:
         # rather than all at once when its group completes; bounded by logit_cache_mb.
         # (group, trial id) -> (content hash, logits per split)
         self._logits: dict[tuple[GroupKey, str], tuple[str, dict[str, torch.Tensor]]] = {}
-        self.n_evaluations = 0
+        self.n_scorings = 0  # models scored on the evaluation data (soups, ensembles)
         self.failed: dict[str, str] = {}  # trial id -> why it could not be souped
         if persist:
             self._restore()
@@ -167,8 +167,14 @@ class SoupMaker:
         if not storage.exists(self.state_path):
             return
         state = json.loads(storage.read_bytes(self.state_path))
+        if state.get("version") != STATE_VERSION:
+            raise BadInputError(
+                f"{self.state_path}: soup state version {state.get('version')!r}, this raysoup "
+                f"reads version {STATE_VERSION}; use the raysoup that wrote it, or delete the "
+                f"file and run `raysoup soup` to rebuild the soups from the checkpoints"
+            )
         if state.get("accept") != self.accept:
-            raise ValueError(
+            raise BadInputError(
                 f"{self.state_path}: soups were built with accept={state.get('accept')!r}, "
                 f"not {self.accept!r}; use the sweep's setting"
             )
@@ -210,7 +216,7 @@ class SoupMaker:
 
     def _new_group(self, key: GroupKey, memo: Mapping[frozenset[Item], float] | None) -> GroupSoup:
         def score(state: Mapping[str, torch.Tensor]) -> float:
-            self.n_evaluations += 1
+            self.n_scorings += 1
             return self.evaluator(key).id_val_acc(state)
 
         states = StateCache(self.max_models)
@@ -222,12 +228,11 @@ class SoupMaker:
 
     # ------------------------------------------------------------ offers
 
-    def offer(self, offers: Iterable[Offer | Mapping[str, Any]]) -> list[GroupKey]:
+    def offer(self, offers: Iterable[Offer]) -> list[GroupKey]:
         """Add finished trials; returns the groups that changed. The new trials of a group
         are decided together (each rank at most once), whatever order they came in."""
         batches: dict[GroupKey, dict[str, Offer]] = {}
-        for item in offers:
-            offer = item if isinstance(item, Offer) else Offer.from_dict(item)
+        for offer in offers:
             group = self.groups.get(offer.group) or self._new_group(offer.group, None)
             if group.offers.get(offer.trial_id) == offer:
                 continue  # already souped: an idempotent re-delivery
@@ -270,7 +275,7 @@ class SoupMaker:
                 return
             try:
                 logits = self.evaluator(group.key).trial_logits(group.states.load(offer))
-            except (CheckpointError, OSError, StaleCheckpoint):
+            except (CheckpointError, OSError, StaleCheckpointError):
                 continue  # finalize loads it again, and says what is wrong
             self._logits[(group.key, trial_id)] = (offer.content_hash, logits)
 
@@ -306,7 +311,7 @@ class SoupMaker:
         for _ in range(len(group.offers) + len(batch) + 3):
             try:
                 return group.offer_many(batch)
-            except StaleCheckpoint as stale:
+            except StaleCheckpointError as stale:
                 fresh = Offer.from_checkpoint(stale.offer.trial_id, stale.offer.checkpoint)
                 self.log(f"raysoup soup: {stale}; re-offering the new version")
                 batch = [o for o in batch if o.trial_id != fresh.trial_id] + [fresh]
@@ -442,7 +447,7 @@ class SoupMaker:
             group.release()  # one group's cache at a time
         state = total.average()
         test = self.evaluator(members[0].key).test_acc(state)  # the same env for every seed
-        self.n_evaluations += 1
+        self.n_scorings += 1
         ingredients = [o.trial_id for o in offers]
         like = storage.read_meta(members[0].erm().checkpoint)
         meta = soup_meta(all_seeds, "uniform_all", like, ingredients, {"test_acc": test})
@@ -475,7 +480,7 @@ class SoupMaker:
             ranked = group.ranked()
             logits = (self._ensemble_logits(group, o) for o in ranked)
             id_val, test = self.evaluator(key).ensemble_accs(logits)
-            self.n_evaluations += len(ranked)
+            self.n_scorings += len(ranked)
             checkpoint = None
         else:
             if method == "greedy":
@@ -484,7 +489,7 @@ class SoupMaker:
             else:
                 state = group.uniform_average()
                 id_val = self.evaluator(key).id_val_acc(state)
-                self.n_evaluations += 1
+                self.n_scorings += 1
             test = self.evaluator(key).test_acc(state)
             like = storage.read_meta(group.erm().checkpoint)
             metrics = {"id_val_acc": id_val, "test_acc": test}

@@ -8,8 +8,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
+from raysoup.devices import resolve_device
 from raysoup.io import storage as io_storage
 from raysoup.io.checkpoint import CheckpointError
 from raysoup.io.storage import Location
@@ -63,7 +62,7 @@ def soup_here(
     sweep with nothing left to train needs no Ray): it restores the actor's saved state,
     so a trial already souped is skipped. Returns the soup rows written now and the
     summary. On the device the actor would use: the CPU unless ``soup_gpus``."""
-    device = "cuda" if config.soup_gpus > 0 and torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto" if config.soup_gpus > 0 else "cpu")
     maker = SoupMaker(
         root,
         config.name,

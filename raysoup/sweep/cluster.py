@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import ray
 
@@ -25,12 +26,14 @@ def resolve_address(address: str | None, environ: Mapping[str, str] | None = Non
     return address or environ.get("RAY_ADDRESS") or LOCAL
 
 
-def connect(address: str | None = None) -> str:
-    """``ray.init`` per :func:`resolve_address` (no-op when Ray is up); returns the address."""
+def connect(address: str | None = None, **local: Any) -> str:
+    """``ray.init`` per :func:`resolve_address` (no-op when Ray is up); returns the address.
+    ``local``: more ``ray.init`` arguments for a new local instance (``num_cpus``,
+    ``_temp_dir``...); an existing cluster keeps its own resources."""
     resolved = resolve_address(address)
     if not ray.is_initialized():
         if resolved == LOCAL:
-            ray.init(address=LOCAL, include_dashboard=False)
+            ray.init(address=LOCAL, **{"include_dashboard": False, **local})
         else:
             ray.init(address=resolved)
     return resolved

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from raysoup.contract import ACCEPT, INITS
 from raysoup.data.builtin import BUILTIN_AUXILIARY, BUILTIN_TARGET
 from raysoup.data.nuisance import NUISANCE_AUXILIARY, NUISANCE_TARGET
 from raysoup.data.registry import dataset_class
@@ -21,10 +22,9 @@ from raysoup.models.networks import ARCHS
 from raysoup.options import OptionsError, from_mapping, option
 from raysoup.sweep import QUICKSTART_NAME
 from raysoup.training.hparams import REGISTRIES, sample_hparams
-from raysoup.training.inits import AUX_BUFFERS, INIT_STRATEGIES, RATATOUILLE_CHOICES
+from raysoup.training.inits import AUX_BUFFERS, RATATOUILLE_CHOICES
 from raysoup.training.trainer import EVAL_SCHEDULES, KEEP
 
-ACCEPT = ("ge", "gt")
 # Options added after the first sweeps were recorded, each with the value that computes
 # what a sweep recorded without it computed. At that value an option drops out of the
 # fingerprint, so such a sweep still matches its record; see ``adopt_record``.
@@ -64,7 +64,7 @@ class SweepConfig:
     test_envs: list[int] = option([5], help="held-out env of each target sweep")
     trial_seeds: list[int] = option([0], help="split / LP seeds: replicates of the sweep")
     n_hparams: int = option(3, help="hparams seeds 0..n-1 per (test env, trial seed, init)")
-    inits: list[str] = option(list(INIT_STRATEGIES), help="init strategies to sweep")
+    inits: list[str] = option(list(INITS), help="init strategies to sweep")
     aux_datasets: list[str] = option(
         list(BUILTIN_AUXILIARY[:3]), help="auxiliary datasets to fine-tune the pool on"
     )
@@ -210,8 +210,8 @@ class SweepConfig:
         if not self.inits:
             raise OptionsError("inits is empty: the sweep would run no target trial")
         for init in self.inits:
-            if init not in INIT_STRATEGIES:
-                raise OptionsError(f"inits: unknown init {init!r}; expected {INIT_STRATEGIES}")
+            if init not in INITS:
+                raise OptionsError(f"inits: unknown init {init!r}; expected {INITS}")
         if self.dataset in self.aux_datasets:
             raise OptionsError(
                 f"aux_datasets contains the target dataset {self.dataset!r}: its auxiliary "
@@ -328,6 +328,12 @@ def parse_record(raw: bytes, where: str) -> dict[str, Any]:
             f"finished runs are safe in their checkpoints. Delete {where} and run the same "
             f"command with the sweep's original config to resume (a different config would "
             f"mix runs), or start afresh with another --name."
+        )
+    version = record.get("version", 1)
+    if not isinstance(version, int) or version > RECORD_VERSION:
+        raise OptionsError(
+            f"{where}: record version {version!r}, this raysoup knows versions up to "
+            f"{RECORD_VERSION}: resume it with the (newer) raysoup that started it"
         )
     return record
 

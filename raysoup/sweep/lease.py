@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from raysoup.errors import HeldError
 from raysoup.io import storage
 from raysoup.io.layout import SweepLayout
 from raysoup.io.storage import Location
@@ -50,14 +51,13 @@ from raysoup.io.storage import Location
 TTL_ENV = "RAYSOUP_LEASE_TTL_S"
 DEFAULT_TTL_S = 60.0
 DEFAULT_SETTLE_S = 2.0
-EXIT_HELD = 4  # exit code of a command refused because another live driver holds the sweep
 
 
-class LeaseHeldError(RuntimeError):
+class LeaseHeldError(HeldError):
     """Another live driver holds the sweep; the message names it and what to do."""
 
 
-class LeaseLostError(RuntimeError):
+class LeaseLostError(HeldError):
     """This driver's lease was taken over while it ran (it stalled past its ttl)."""
 
 

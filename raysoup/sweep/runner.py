@@ -39,7 +39,9 @@ import ray
 from ray import tune
 from ray.actor import ActorHandle
 
+from raysoup.contract import HPARAM_COLUMNS
 from raysoup.data.registry import dataset_class
+from raysoup.errors import EXIT_RUNS_FAILED, RunsFailedError, SweepError
 from raysoup.io import storage as io_storage
 from raysoup.io.layout import TUNE_EXPERIMENT, SweepLayout
 from raysoup.io.storage import Location
@@ -53,14 +55,10 @@ from raysoup.sweep.plan import PlannedRun, dependencies, plan_sweep
 from raysoup.sweep.record import record_config
 from raysoup.sweep.schedule import PlanSearcher
 from raysoup.sweep.soup_actor import SoupFeeder, actor_name, start_soup_actor
-from raysoup.sweep.trainable import HPARAM_COLUMNS, run_trial, trial_row
+from raysoup.sweep.trainable import run_trial, trial_row
 from raysoup.training.hparams import sample_hparams
 
-EXIT_TRIALS_FAILED = 3  # `raysoup run`: the sweep ended, but some runs failed
-
-
-class SweepError(RuntimeError):
-    """A stage of the sweep could not finish."""
+EXIT_TRIALS_FAILED = EXIT_RUNS_FAILED  # `raysoup run`: the sweep ended, some runs failed
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class Failure:
         return f"{self.key}: {self.error} (see {self.error_file})"
 
 
-class TrialsFailedError(SweepError):
+class TrialsFailedError(RunsFailedError):
     """The sweep ended with soups of every run that could finish, but some runs failed;
     the same command again retries them."""
 
@@ -512,6 +510,6 @@ def soup_feeder(root: Location, config: SweepConfig) -> SoupFeeder:
 
 def hand_over(soup: ActorHandle, runs: list[PlannedRun]) -> None:
     """Offer every finished target trial to the actor (fire-and-forget)."""
-    offers = [offer.to_dict() for offer in finished_offers(runs)]
+    offers = finished_offers(runs)
     if offers:
         soup.offer.remote(offers)

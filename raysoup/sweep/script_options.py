@@ -24,6 +24,43 @@ from raysoup.training.trainer import EVAL_SCHEDULES
 DATASETS = {cls.NAME: cls for cls in DOMAINBED_DATASETS}
 
 
+class DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag: still works, and says the new one on stderr."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(*args, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated, use {self.new}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def add_lp_stage_steps(parser: argparse.ArgumentParser) -> None:
+    """``--lp-stage-steps`` (the config's ``lp_stage_steps``: steps of the LP stage), and
+    its old spelling ``--lp-steps``, which read like the ``lp_steps`` hparam (a run's
+    head-only phase)."""
+    help_text = "steps of the linear-probe stage (default: DomainBed's)"
+    parser.add_argument("--lp-stage-steps", type=int, default=None, help=help_text)
+    parser.add_argument(
+        "--lp-steps",
+        dest="lp_stage_steps",
+        type=int,
+        action=DeprecatedFlag,
+        new="--lp-stage-steps",
+        help=argparse.SUPPRESS,
+    )
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Network, hparams, resources and cluster options (the same for every script)."""
     add = parser.add_argument
@@ -122,17 +159,14 @@ def check_inputs(config: SweepConfig, data_dir: Path, datasets: list[str]) -> No
 def run_sweep_for_script(
     parser: argparse.ArgumentParser, config: SweepConfig, storage: Location
 ) -> tuple[Location, int]:
-    """``run_sweep_status`` for the experiment scripts: ``(root, exit code)``; a sweep held
-    by another driver exits with ``EXIT_HELD``, a bad storage with the parser's error (2),
-    both without a traceback."""
-    from raysoup.io.storage import StorageError
-    from raysoup.sweep.lease import EXIT_HELD, LeaseHeldError
+    """``run_sweep_status`` for the experiment scripts: ``(root, exit code)``. An expected
+    problem (a sweep held by another driver, a bad or unreachable storage) exits with
+    its code from ``raysoup.errors``, without a traceback, before Ray does any work."""
+    from raysoup.errors import RaysoupError
     from raysoup.sweep.runner import run_sweep_status
 
     try:
         return run_sweep_status(config, storage)  # code 3: some runs failed (stderr)
-    except LeaseHeldError as error:  # another driver runs this sweep
-        print(f"{parser.prog}: refused: {error}", file=sys.stderr)
-        sys.exit(EXIT_HELD)
-    except StorageError as error:  # checked before Ray does any work
-        parser.error(str(error))
+    except RaysoupError as error:
+        print(f"{parser.prog}: {error.label}: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

@@ -23,14 +23,10 @@ from typing import Any
 import ray
 from ray import tune
 
-from raysoup.soup.group import GroupKey
+from raysoup.soup.group import GroupKey, Offer
 from raysoup.soup.maker import SoupMaker
 
 NAMESPACE = "raysoup"
-# Reported on a target trial's final result. The trial id travels as "key": Tune
-# overwrites "trial_id" in results with its own id.
-OFFER_FIELDS = ("checkpoint", "id_val_acc", "content_hash", "test_acc")
-GROUP_FIELDS = ("dataset", "test_env", "trial_seed", "init")
 
 
 def actor_name(sweep: str, root: str | Path) -> str:
@@ -52,7 +48,7 @@ class SoupActor:
             **options,
         )
 
-    def offer(self, offers: list[dict[str, Any]]) -> int:
+    def offer(self, offers: list[Offer]) -> int:
         """Soup finished trials (re-deliveries are no-ops); returns groups changed."""
         return len(self.maker.offer(offers))
 
@@ -100,14 +96,10 @@ def start_soup_actor(
     return remote.remote(str(root), sweep, plan, **options)
 
 
-def offer_from_result(result: Mapping[str, Any]) -> dict[str, Any] | None:
+def offer_from_result(result: Mapping[str, Any]) -> Offer | None:
     """The soup offer in a target trial's final Tune result (``None`` for other trials)."""
-    if not result.get("final") or result.get("stage") != "target":
-        return None
-    offer = {name: result.get(name, math.nan) for name in OFFER_FIELDS}
-    offer["trial_id"] = result["key"]
-    offer["group"] = {name: result[name] for name in GROUP_FIELDS}
-    return offer
+    data = result.get(Offer.RESULT_KEY) if result.get("final") else None
+    return Offer.from_dict(data) if data else None
 
 
 class SoupFeeder(tune.Callback):
@@ -129,7 +121,7 @@ class SoupFeeder(tune.Callback):
         self.name = name
         self.every_s = every_s
         self._actor: ray.actor.ActorHandle | None = None
-        self._waiting: list[dict[str, Any]] = []
+        self._waiting: list[Offer] = []
         self._in_flight: ray.ObjectRef | None = None
         self._sent_at = -math.inf
 
@@ -139,7 +131,7 @@ class SoupFeeder(tune.Callback):
     @property
     def waiting(self) -> list[str]:
         """Trial ids kept until the actor is done with the batch it has."""
-        return [offer["trial_id"] for offer in self._waiting]
+        return [offer.trial_id for offer in self._waiting]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         offer = offer_from_result(trial.last_result or {})
@@ -172,7 +164,7 @@ class SoupFeeder(tune.Callback):
             # trial's worker): the runner hands every finished trial over at the end.
             self._actor = self._in_flight = None
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            ids = ", ".join(offer["trial_id"] for offer in batch)
+            ids = ", ".join(offer.trial_id for offer in batch)
             print(
                 f"raysoup: warning: soup actor {self.name!r} not reached for trial(s) {ids} "
                 f"({first}); it gets them when the runs end",

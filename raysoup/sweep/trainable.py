@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray import tune
 
+from raysoup.contract import HPARAM_COLUMNS
+
 if TYPE_CHECKING:
     from raysoup.io.checkpoint import CheckpointMeta
 
@@ -42,7 +44,6 @@ SCALARS = (int, float, str, bool)
 # Seconds between a trial's progress reports to Tune (its evaluations in between are not
 # reported; the final result always is).
 PROGRESS_EVERY_S = 10.0
-HPARAM_COLUMNS = ("lr", "weight_decay", "batch_size", "resnet_dropout", "steps")
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +100,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from raysoup.io import storage
     from raysoup.options import from_mapping
     from raysoup.results import ResultsStore
-    from raysoup.sweep.soup_actor import GROUP_FIELDS, OFFER_FIELDS
+    from raysoup.soup.group import Offer
     from raysoup.training.trainer import RunSpec, adopt_cached_base, cache_base, train_run
 
     run = config["run"]
@@ -129,10 +130,11 @@ def run_trial(config: dict[str, Any]) -> None:
     row.update(where_ran())  # extra columns: which Ray node ran (or re-reported) the trial
     ResultsStore(run["results"]).append("trials", [row], part_key=run["key"])
     # Everything the soup actor needs rides on the final result (see SoupFeeder).
-    offer = {name: row[name] for name in (*OFFER_FIELDS, *GROUP_FIELDS) if name in row}
+    offer = Offer.from_meta(run["key"], spec.out, meta) if meta.stage == "target" else None
     # Metrics only: the run's checkpoint (the ``checkpoint`` column) is the one copy; a
     # Tune checkpoint would copy its bytes into Tune's storage once more for every trial.
     tune.report(
-        {**_scalars(meta.metrics), **_scalars(offer), "stage": meta.stage, "key": run["key"]}
+        {**_scalars(meta.metrics), "stage": meta.stage, "key": run["key"]}
         | {"reused": reused, "final": True}
+        | ({Offer.RESULT_KEY: offer.to_dict()} if offer is not None else {})
     )

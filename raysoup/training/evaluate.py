@@ -9,7 +9,7 @@ from torch import nn
 
 from raysoup.data.base import MultiDomainDataset
 from raysoup.data.loaders import Batch, eval_batches
-from raysoup.data.splits import EnvSplit
+from raysoup.data.splits import EnvSplit, Part, id_val_parts, test_parts
 
 
 @torch.no_grad()
@@ -36,6 +36,14 @@ def count_correct(
     return correct, total
 
 
+def pooled_accuracy(counts: Iterable[tuple[int, int]]) -> float:
+    """Accuracy of the union of parts from their ``(correct, total)``; ``nan`` if empty."""
+    correct = total = 0
+    for c, t in counts:
+        correct, total = correct + c, total + t
+    return correct / total if total else float("nan")
+
+
 def evaluate_splits(
     network: nn.Module,
     dataset: MultiDomainDataset,
@@ -47,27 +55,22 @@ def evaluate_splits(
     amp: bool = False,
     num_workers: int = 0,
 ) -> dict[str, float]:
-    """``env{i}_in_acc``, ``env{i}_out_acc`` for every env, plus the pooled accuracies.
-
-    - ``id_val_acc``: accuracy on the *union* of the ``out`` splits of the training envs
-      (the number the greedy soup uses both to sort and to accept);
-    - ``test_acc``: accuracy on the whole held-out env (in + out), as the DiWA and
-      ratatouille soup scripts report it; ``nan`` when there is no test env.
-    """
+    """``env{i}_in_acc``, ``env{i}_out_acc`` for every env, plus the pooled accuracies
+    ``id_val_acc`` (``data.splits.id_val_parts``) and ``test_acc`` (``test_parts``;
+    ``nan`` when there is no test env)."""
     metrics: dict[str, float] = {}
-    val_correct = val_total = 0
-    test_correct = test_total = 0
+    counts: dict[Part, tuple[int, int]] = {}
     for split in splits:
-        for part, indices in (("in", split.in_indices), ("out", split.out_indices)):
+        for part in ("in", "out"):
+            indices = split.part(part)
             batches = eval_batches(
                 dataset, split.env_index, indices, batch_size, num_workers=num_workers
             )
-            correct, total = count_correct(network, batches, device, amp)
-            metrics[f"env{split.env_index}_{part}_acc"] = correct / total if total else float("nan")
-            if split.env_index == test_env:
-                test_correct, test_total = test_correct + correct, test_total + total
-            elif part == "out":
-                val_correct, val_total = val_correct + correct, val_total + total
-    metrics["id_val_acc"] = val_correct / val_total if val_total else float("nan")
-    metrics["test_acc"] = test_correct / test_total if test_total else float("nan")
+            counts[(split.env_index, part)] = count_correct(network, batches, device, amp)
+            metrics[f"env{split.env_index}_{part}_acc"] = pooled_accuracy(
+                [counts[(split.env_index, part)]]
+            )
+    splits = list(splits)
+    metrics["id_val_acc"] = pooled_accuracy(counts[p] for p in id_val_parts(splits, test_env))
+    metrics["test_acc"] = pooled_accuracy(counts[p] for p in test_parts(splits, test_env))
     return metrics

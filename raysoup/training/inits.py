@@ -31,6 +31,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from raysoup.contract import INITS
+from raysoup.errors import BadInputError
 from raysoup.io import storage
 from raysoup.io.checkpoint import (
     META_FILE,
@@ -41,7 +43,6 @@ from raysoup.io.checkpoint import (
 )
 from raysoup.io.pool import check_meta_paths, check_pool_symlinks
 
-INIT_STRATEGIES = ("pretrained", "ratatouille", "fusing")
 RATATOUILLE_CHOICES = ("reference", "random")
 AUX_BUFFERS = ("source", "pretrained")
 PRETRAINED = "pretrained"  # the source name of the pretrained featurizer
@@ -51,7 +52,7 @@ CLASSIFIER_PREFIX = "classifier."
 T = TypeVar("T")
 
 
-class LeakageError(ValueError):
+class LeakageError(BadInputError):
     """An auxiliary checkpoint was trained on the target dataset."""
 
 
@@ -141,8 +142,8 @@ def plan_init(
     ratatouille_choice: str = "reference",
 ) -> InitPlan:
     """The init of one run; ``pool`` is one sorted list of run paths per aux dataset."""
-    if strategy not in INIT_STRATEGIES:
-        raise ValueError(f"unknown init {strategy!r}; expected one of {INIT_STRATEGIES}")
+    if strategy not in INITS:
+        raise ValueError(f"unknown init {strategy!r}; expected one of {INITS}")
     if strategy == "pretrained":
         return InitPlan(strategy, [PRETRAINED], [1.0])
     if not pool or any(not runs for runs in pool):

@@ -38,11 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from raysoup.contract import HPARAM_COLUMNS, INITS, STAGES
 from raysoup.data.base import MultiDomainDataset
 from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.loaders import train_batches
 from raysoup.data.registry import dataset_class, load_dataset
 from raysoup.data.splits import split_envs, training_envs
+from raysoup.devices import resolve_device
+from raysoup.errors import RunsFailedError
 from raysoup.io import storage
 from raysoup.io.checkpoint import (
     WEIGHTS_FILE,
@@ -64,7 +67,6 @@ from raysoup.training.inits import (
     AUX_BUFFERS,
     CLASSIFIER_PREFIX,
     FEATURIZER_PREFIX,
-    INIT_STRATEGIES,
     PRETRAINED,
     RATATOUILLE_CHOICES,
     InitPlan,
@@ -74,7 +76,6 @@ from raysoup.training.inits import (
     strip_prefix,
 )
 
-STAGES = ("base", "lp", "aux", "target")
 KEEP = ("last", "best")
 EVAL_SCHEDULES = ("reference", "multiples")
 BASE_RECIPE_VERSION = 1  # bump when the base network's training changes
@@ -90,7 +91,7 @@ class RunSpec:
     test_env: int = option(0, help="held-out env index; -1 = train on all envs (auxiliary mode)")
     trial_seed: int = option(0, help="seed of the in/out splits (and of the LP)")
     hparams_seed: int = option(0, help="0 = default hyperparameters, else a seeded draw")
-    init: str = option("pretrained", help="featurizer init", choices=INIT_STRATEGIES)
+    init: str = option("pretrained", help="featurizer init", choices=INITS)
     stage: str = option("target", help="what this run is", choices=STAGES)
     data_dir: Path | None = option(None, help="root of on-disk DomainBed datasets")
     aux_dir: list[Path | str] = option(
@@ -152,8 +153,11 @@ class RunSpec:
 
     def validate(self) -> type[MultiDomainDataset]:
         """Check everything that can be checked without loading data or weights."""
-        cls = dataset_class(self.dataset)
-        training_envs(len(cls.ENVIRONMENTS), self.test_env)
+        try:
+            cls = dataset_class(self.dataset)
+            training_envs(len(cls.ENVIRONMENTS), self.test_env)
+        except ValueError as error:  # an unknown dataset, a test env it does not have
+            raise OptionsError(str(error)) from None
         for name in ("trial_seed", "hparams_seed"):
             if getattr(self, name) < 0:
                 raise OptionsError(f"{name}={getattr(self, name)}: expected an integer >= 0")
@@ -201,15 +205,7 @@ class RunSpec:
         return cls
 
     def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as error:
-            raise OptionsError(f"device={self.device!r}: {error}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise OptionsError(f"device={self.device!r} but CUDA is not available here")
-        return device
+        return resolve_device(self.device)
 
 
 # ---------------------------------------------------------------- base network
@@ -417,7 +413,7 @@ class KeepBest:
         return True
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(RunsFailedError, FloatingPointError):
     """The training loss became NaN or infinite: this run diverged (a failure of the run,
     not of the sweep)."""
 
@@ -606,7 +602,7 @@ def train_run(
         "init": spec.init if spec.stage == "target" else plan.strategy,
         "init_sources": plan.sources,
         "init_weights": plan.weights,
-        **{k: hparams[k] for k in ("lr", "weight_decay", "batch_size", "resnet_dropout")},
+        **{k: hparams[k] for k in HPARAM_COLUMNS if k != "steps"},
         "steps": steps,
         **final,
         "checkpoint": str(spec.out),
