@@ -134,6 +134,8 @@ def test_ideal_schedules_respect_dependencies_and_slots() -> None:
         ({"CPU": 3.0}, {"cpus_per_trial": 2.0}, 1),
         ({"CPU": 1.0}, {"cpus_per_trial": 2.0}, 1),  # never 0: Tune must still stage one
         ({"CPU": 0.9999999999}, {}, 1),
+        ({"CPU": 4.0}, {"soup_cpus": 1.0}, 3),  # the soup actor holds its share
+        ({"CPU": 16.0, "GPU": 1.0}, {"gpus_per_trial": 0.3, "soup_gpus": 0.4}, 2),
     ],
 )
 def test_trial_slots_count_what_fits_side_by_side(

@@ -86,7 +86,7 @@ class Offer:
     def from_meta(cls, trial_id: str, checkpoint: str | Path, meta: CheckpointMeta) -> Offer:
         """The offer of a trial whose checkpoint at ``checkpoint`` has metadata ``meta``."""
         if meta.stage != "target":
-            raise ValueError(
+            raise CheckpointError(
                 f"{checkpoint}: only target trials are souped, this one is stage {meta.stage!r}"
             )
         return cls(

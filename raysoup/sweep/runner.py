@@ -244,10 +244,13 @@ MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG"
 
 def trial_slots(config: SweepConfig, resources: Mapping[str, float]) -> int:
     """How many trials of ``config`` fit side by side on a cluster with ``resources``
-    (``ray.cluster_resources()``), capped by ``max_concurrent_trials``; at least 1."""
-    slots = math.floor(resources.get("CPU", 0.0) / config.cpus_per_trial + 1e-9)
+    (``ray.cluster_resources()``) beside the soup actor's reservation (``soup_cpus``,
+    ``soup_gpus``), capped by ``max_concurrent_trials``; at least 1."""
+    cpus = resources.get("CPU", 0.0) - config.soup_cpus
+    slots = math.floor(cpus / config.cpus_per_trial + 1e-9)
     if config.gpus_per_trial > 0:
-        slots = min(slots, math.floor(resources.get("GPU", 0.0) / config.gpus_per_trial + 1e-9))
+        gpus = resources.get("GPU", 0.0) - config.soup_gpus
+        slots = min(slots, math.floor(gpus / config.gpus_per_trial + 1e-9))
     if config.max_concurrent_trials:
         slots = min(slots, config.max_concurrent_trials)
     return max(1, slots)
