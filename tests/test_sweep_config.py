@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -237,3 +238,82 @@ def test_the_quickstart_is_the_nuisance_benchmark(tmp_path) -> None:
     assert len(plan["target"]) == config.n_hparams * 3 and len(plan["aux"]) == 3
     # a config file starts from SweepConfig's defaults, not the quickstart's
     assert load_config(_write(tmp_path, "name: x\n")).dataset == "MiniRotatedMNIST"
+
+
+def _canonical_plan(plan: dict, root: Path) -> str:
+    """A plan as JSON text, paths relative to ``root`` and tagged by type (a ``Path`` and
+    a ``str`` of the same text are different specs)."""
+
+    def value(v: object) -> object:
+        if isinstance(v, Path):
+            return {"path": str(v).replace(str(root), "<root>")}
+        if isinstance(v, list):
+            return [value(x) for x in v]
+        if isinstance(v, dict):
+            return {k: value(x) for k, x in v.items()}
+        return v
+
+    runs = [
+        [stage, r.stage, r.key, list(r.spec), value(r.spec)] for stage in plan for r in plan[stage]
+    ]
+    return json.dumps(runs, sort_keys=True)
+
+
+def _pool_with_runs(root: Path, aux_n_hparams: int) -> None:
+    """A finished pool under ``root``: its record, base and aux checkpoints (fake weights)."""
+    pool = SweepConfig(name="pool", dataset=None, aux_n_hparams=aux_n_hparams).validate()
+    record_config(root, pool)
+    for aux in pool.aux_datasets:
+        for h in range(aux_n_hparams):
+            _fake_checkpoint(checkpoint_path(root, "aux", f"aux-{aux}-h{h}"))
+    _fake_checkpoint(checkpoint_path(root, "base", "base"))
+
+
+def test_plans_are_pinned(tmp_path) -> None:
+    """Every run, its key, order and spec, as raysoup planned them when this test was
+    written (a digest of each plan): a refactoring of the planner changes none."""
+    root = tmp_path / "sweep"
+    small = minirotated(n_hparams=1, trial_seeds=[0, 1], test_envs=[5])
+    plan = plan_sweep(small, root)
+    targets = [f"target-MiniRotatedMNIST-e5-s{s}-h0-{i}" for s in (0, 1) for i in small.inits]
+    assert [(r.stage, r.key) for runs in plan.values() for r in runs] == [
+        ("base", "base"),
+        ("lp", "lp-MiniRotatedMNIST-e5-s0"),
+        *[("lp", f"lp-{aux}-all") for aux in small.aux_datasets],
+        *[("aux", f"aux-{aux}-h0") for aux in small.aux_datasets],
+        *[("target", key) for key in targets],
+    ]
+    _pool_with_runs(tmp_path / "pool", aux_n_hparams=2)
+    configs = {
+        "small": small,
+        "wide": minirotated(n_hparams=2, trial_seeds=[0, 1], test_envs=[0, 5]),
+        "switches": minirotated(
+            n_hparams=2,
+            trial_seeds=[0, 1],
+            test_envs=[0, 5],
+            lp_per_trial_seed=True,
+            aux_lp=False,
+            target_keep="last",
+        ),
+        "pretrained only": minirotated(inits=["pretrained"], trial_seeds=[0, 2]),
+        "pool alone": SweepConfig(dataset=None, aux_n_hparams=2).validate(),
+        "borrowing": minirotated(aux_pool=str(tmp_path / "pool"), aux_n_hparams=2),
+        "quickstart": load_config(None),
+    }
+    digests = {
+        name: hashlib.sha256(_canonical_plan(plan_sweep(c, root), tmp_path).encode()).hexdigest()
+        for name, c in configs.items()
+    }
+    assert digests == PINNED_PLANS
+
+
+# Computed with the planner of fc48adc (before plan_sweep was split into its stages).
+PINNED_PLANS = {
+    "small": "e04283d1dd88aa85982c0a01292e19466213b6d8e3e6fc68f3e8cf1308d5ffd2",
+    "wide": "1d53a260538bfbfe64207f3e90eca99ac351b182064ab47979ecd084f7f952dc",
+    "switches": "939131da6516401c00e957b0880edb55047648902d8c83703ce8ddb4f0f931d3",
+    "pretrained only": "eb1d3ff2062be0a5e8918404bbd5334e2a21888c4180ca21b8bbb191b572f32d",
+    "pool alone": "289532d73c3e3b1f69f02745f06bf01c8c219f594dc3f6b38388e0553d689ea2",
+    "borrowing": "c051802b95f7ce6ddaec65ec36374b3c98387eb28ada812a8218ab6bfaa2baf4",
+    "quickstart": "2e0ae818dea716e46c6b874328ce88eed383517ea51a6f89deb03afc10629a75",
+}

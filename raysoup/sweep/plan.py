@@ -128,14 +128,12 @@ def _common(config: SweepConfig) -> dict[str, Any]:
     }
 
 
-def _lp_run(
-    config: SweepConfig,
-    common: dict[str, Any],
-    root: Location,
-    dataset: str,
-    test_env: int,
-    trial_seed: int,
-) -> PlannedRun:
+# (dataset, test env, trial seed) of an LP: its identity in a plan (see ``lp_key``).
+LpId = tuple[str, int, int]
+
+
+def _lp_run(config: SweepConfig, common: dict[str, Any], root: Location, lp: LpId) -> PlannedRun:
+    dataset, test_env, trial_seed = lp
     key = lp_key(dataset, test_env, trial_seed)
     spec = {
         **common,
@@ -149,41 +147,58 @@ def _lp_run(
     return PlannedRun("lp", key, spec)
 
 
-def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun]]:
-    """Every run of every stage, in a deterministic order."""
-    root = root if storage.is_uri(root) else Path(root)
-    pool_only = config.dataset is None
-    needs_pool = pool_only or any(init != "pretrained" for init in config.inits)
-    borrowed = check_aux_pool(config) if config.aux_pool is not None and needs_pool else None
-    # Only the `cnn` network trains a base stage; `glyphcnn` starts from the foundation
-    # shipped in the package, ResNets from ImageNet.
-    datasets = config.aux_datasets if pool_only else [config.dataset]
-    builtin = any((config.arch or dataset_class(name).DEFAULT_ARCH) == "cnn" for name in datasets)
-    common = _common(config)
-    stages: dict[str, list[PlannedRun]] = {stage: [] for stage in STAGE_ORDER}
-    pretrained = None
-    if builtin and borrowed is not None:  # the pool's own base: the one its runs started from
+def _uses_builtin_base(config: SweepConfig) -> bool:
+    """Whether the sweep's networks start from the built-in base: only the `cnn` network
+    trains a base stage; `glyphcnn` starts from the foundation shipped in the package,
+    ResNets from ImageNet."""
+    datasets = config.aux_datasets if config.dataset is None else [config.dataset]
+    return any((config.arch or dataset_class(name).DEFAULT_ARCH) == "cnn" for name in datasets)
+
+
+def _base_stage(
+    config: SweepConfig, root: Location, borrowing: bool
+) -> tuple[Location | None, list[PlannedRun]]:
+    """The checkpoint every run's 'pretrained' featurizer comes from (``None``: not a
+    checkpoint of the sweep's), and the base run to plan for it. A borrowing sweep takes
+    the pool's own base, the one its auxiliary runs started from."""
+    if not _uses_builtin_base(config):
+        return None, []
+    if borrowing:
         pretrained = checkpoint_path(Path(config.aux_pool).expanduser().resolve(), "base", "base")
         if not is_checkpoint(pretrained):
             raise OptionsError(f"aux_pool={str(config.aux_pool)!r} has no base network")
-    elif builtin:
-        pretrained = checkpoint_path(root, "base", "base")
-        stages["base"].append(
-            PlannedRun(
-                "base",
-                "base",
-                {"dataset": BUILTIN_BASE, "stage": "base", "test_env": -1, "out": pretrained},
-            )
-        )
-    common["pretrained"] = pretrained
-    for test_env in [] if pool_only else config.test_envs:
-        for trial_seed in dict.fromkeys(lp_seed(config, s) for s in config.trial_seeds):
-            stages["lp"].append(_lp_run(config, common, root, config.dataset, test_env, trial_seed))
-    aux_datasets = config.aux_datasets if needs_pool and borrowed is None else []
-    for aux in aux_datasets if config.aux_lp else []:
-        stages["lp"].append(_lp_run(config, common, root, aux, -1, SHARED_LP_SEED))
+        return pretrained, []
+    pretrained = checkpoint_path(root, "base", "base")
+    spec = {"dataset": BUILTIN_BASE, "stage": "base", "test_env": -1, "out": pretrained}
+    return pretrained, [PlannedRun("base", "base", spec)]
+
+
+def _lp_stage(
+    config: SweepConfig, common: dict[str, Any], root: Location, aux_datasets: list[str]
+) -> dict[LpId, PlannedRun]:
+    """The LP runs by what they are for: one per target test env (on the shared trial
+    seed, or per trial seed), then, with ``aux_lp``, one per auxiliary dataset (all envs)."""
+    targets: list[LpId] = [
+        (config.dataset, test_env, trial_seed)
+        for test_env in ([] if config.dataset is None else config.test_envs)
+        for trial_seed in dict.fromkeys(lp_seed(config, s) for s in config.trial_seeds)
+    ]
+    auxes: list[LpId] = [(aux, -1, SHARED_LP_SEED) for aux in aux_datasets if config.aux_lp]
+    return {lp: _lp_run(config, common, root, lp) for lp in [*targets, *auxes]}
+
+
+def _aux_stage(
+    config: SweepConfig,
+    common: dict[str, Any],
+    root: Location,
+    aux_datasets: list[str],
+    lps: dict[LpId, PlannedRun],
+) -> list[PlannedRun]:
+    """Per auxiliary dataset, ``aux_n_hparams`` runs on all its envs, from its LP's head
+    when there is one."""
+    runs = []
     for aux in aux_datasets:
-        head = checkpoint_path(root, "lp", lp_key(aux, -1)) if config.aux_lp else None
+        lp = lps.get((aux, -1, SHARED_LP_SEED))
         for hparams_seed in range(config.aux_n_hparams):
             key = aux_key(aux, hparams_seed)
             spec = {
@@ -193,16 +208,28 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
                 "test_env": -1,
                 "hparams_seed": hparams_seed,
                 "steps": config.aux_steps,
-                "lp_head": head,
+                "lp_head": lp.spec["out"] if lp is not None else None,
                 "out": checkpoint_path(root, "aux", key),
             }
-            stages["aux"].append(PlannedRun("aux", key, spec))
-    aux_dir = borrowed if borrowed is not None else [SweepLayout(root).checkpoints("aux")]
-    for test_env in [] if pool_only else config.test_envs:
+            runs.append(PlannedRun("aux", key, spec))
+    return runs
+
+
+def _target_stage(
+    config: SweepConfig,
+    common: dict[str, Any],
+    root: Location,
+    lps: dict[LpId, PlannedRun],
+    aux_dir: list[Location],
+) -> list[PlannedRun]:
+    """Per (test env, trial seed, hparams seed, init), one target run from its LP's head;
+    an auxiliary init reads the pool ``aux_dir``."""
+    if config.dataset is None:
+        return []
+    runs = []
+    for test_env in config.test_envs:
         for trial_seed in config.trial_seeds:
-            head = checkpoint_path(
-                root, "lp", lp_key(config.dataset, test_env, lp_seed(config, trial_seed))
-            )
+            head = lps[(config.dataset, test_env, lp_seed(config, trial_seed))].spec["out"]
             for hparams_seed in range(config.n_hparams):
                 for init in config.inits:
                     key = (
@@ -226,8 +253,27 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
                         "aux_buffers": config.aux_buffers,
                         "out": checkpoint_path(root, "target", key),
                     }
-                    stages["target"].append(PlannedRun("target", key, spec))
-    return {stage: runs for stage, runs in stages.items() if runs}
+                    runs.append(PlannedRun("target", key, spec))
+    return runs
+
+
+def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun]]:
+    """Every run of every stage, in a deterministic order (stages without runs left out)."""
+    root = root if storage.is_uri(root) else Path(root)
+    needs_pool = config.dataset is None or any(init != "pretrained" for init in config.inits)
+    borrowed = check_aux_pool(config) if config.aux_pool is not None and needs_pool else None
+    pretrained, base = _base_stage(config, root, borrowing=borrowed is not None)
+    common = {**_common(config), "pretrained": pretrained}
+    aux_datasets = config.aux_datasets if needs_pool and borrowed is None else []
+    lps = _lp_stage(config, common, root, aux_datasets)
+    aux_dir = borrowed if borrowed is not None else [SweepLayout(root).checkpoints("aux")]
+    stages = {
+        "base": base,
+        "lp": list(lps.values()),
+        "aux": _aux_stage(config, common, root, aux_datasets, lps),
+        "target": _target_stage(config, common, root, lps, aux_dir),
+    }
+    return {stage: stages[stage] for stage in STAGE_ORDER if stages[stage]}
 
 
 def dependencies(run: PlannedRun, plan: dict[str, list[PlannedRun]]) -> list[str]:

@@ -30,7 +30,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from raysoup.data.base import MultiDomainDataset
 from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.loaders import train_batches
 from raysoup.data.registry import dataset_class, load_dataset
-from raysoup.data.splits import split_envs, training_envs
+from raysoup.data.splits import EnvSplit, split_envs, training_envs
 from raysoup.devices import resolve_device
 from raysoup.errors import RunsFailedError
 from raysoup.io import storage
@@ -456,11 +456,28 @@ def _optimizer(params: list[nn.Parameter], hparams: dict[str, Any]) -> torch.opt
     )
 
 
-def train_run(
-    spec: RunSpec, on_eval: Callable[[dict[str, Any]], None] | None = None
-) -> dict[str, Any]:
-    """Train one run, save its checkpoint to ``spec.out`` and return its metrics."""
-    started = time.time()
+# ---------------------------------------------------------------- the steps of a run
+#
+# ``train_run`` calls these in order. The order is part of the result: torch's global
+# generator is seeded once, just before the network is built, and the network's init,
+# then dropout and augmentations in the loop, draw from it in turn.
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a spec resolves to before any data or weights are read."""
+
+    dataset_cls: type[MultiDomainDataset]
+    device: torch.device
+    hparams: dict[str, Any]
+    steps: int
+    freq: int  # the evaluation frequency (``is_eval_step``)
+    keep: str  # which evaluation is saved: "best" or "last"
+
+
+def resolve_settings(spec: RunSpec) -> RunSettings:
+    """Validate ``spec``; resolve its device, hyperparameters, steps, evaluation frequency
+    and kept evaluation (the dataset's and the stage's defaults where ``spec`` has none)."""
     dataset_cls = spec.validate()
     device = spec.resolve_device()
     hparams = sample_hparams(
@@ -472,116 +489,214 @@ def train_run(
         hparams_depend_on_trial_seed=spec.hparams_depend_on_trial_seed,
         overrides=spec.hparams,
     )
-    steps = spec.steps or dataset_cls.N_STEPS
-    freq = spec.checkpoint_freq or dataset_cls.CHECKPOINT_FREQ
-    keep = spec.keep or DEFAULT_KEEP[spec.stage]
+    return RunSettings(
+        dataset_cls=dataset_cls,
+        device=device,
+        hparams=hparams,
+        steps=spec.steps or dataset_cls.N_STEPS,
+        freq=spec.checkpoint_freq or dataset_cls.CHECKPOINT_FREQ,
+        keep=spec.keep or DEFAULT_KEEP[spec.stage],
+    )
 
-    dataset = load_dataset(spec.dataset, spec.data_dir, augment=bool(hparams["data_augmentation"]))
+
+@dataclass(frozen=True)
+class RunData:
+    """A run's dataset, the in/out split of each of its envs, and the envs it trains on."""
+
+    dataset: MultiDomainDataset
+    splits: list[EnvSplit]
+    train_envs: list[int]
+
+
+def load_run_data(spec: RunSpec, settings: RunSettings) -> RunData:
+    """The dataset of ``spec``, split by its trial seed (the splits draw from their own
+    seeded generators, not torch's)."""
+    dataset = load_dataset(
+        spec.dataset, spec.data_dir, augment=bool(settings.hparams["data_augmentation"])
+    )
     splits = split_envs(dataset.env_sizes(), spec.trial_seed, spec.holdout_fraction)
-    train_ids = training_envs(len(dataset.envs), spec.test_env)
+    return RunData(dataset, splits, training_envs(len(dataset.envs), spec.test_env))
 
-    run_seed = seed_hash(
+
+def run_seed(spec: RunSpec) -> int:
+    """The seed of a run's own draws (init, dropout, batches): the run's identity alone."""
+    return seed_hash(
         spec.dataset, spec.stage, spec.test_env, spec.trial_seed, spec.hparams_seed, spec.init
     )
-    torch.manual_seed(run_seed)
-    network, plan, pretrained_from = build_start_network(spec, dataset_cls, hparams)
-    network.to(device)
 
-    head_only_steps = 0
+
+def build_model(spec: RunSpec, settings: RunSettings, seed: int) -> tuple[Network, InitPlan, str]:
+    """The network a run starts from, on its device, with its init plan and where
+    'pretrained' came from. Seeds torch's global generator first, so that the random
+    init (and everything drawn after it) is the same in any process."""
+    torch.manual_seed(seed)
+    network, plan, pretrained_from = build_start_network(
+        spec, settings.dataset_cls, settings.hparams
+    )
+    network.to(settings.device)
+    return network, plan, pretrained_from
+
+
+def head_only_steps(spec: RunSpec, plan: InitPlan, hparams: dict[str, Any], steps: int) -> int:
+    """How many first steps train the classifier head alone: all of an LP's; ``lp_steps``
+    for an aux or target run whose featurizer comes from the pool or that has no LP head
+    to start from (its head would be random); none otherwise."""
     if spec.stage == "lp":
-        head_only_steps = steps
-    elif spec.stage in ("aux", "target") and (plan.uses_auxiliary or spec.lp_head is None):
-        head_only_steps = min(int(hparams["lp_steps"]), steps)
+        return steps
+    if spec.stage in ("aux", "target") and (plan.uses_auxiliary or spec.lp_head is None):
+        return min(int(hparams["lp_steps"]), steps)
+    return 0
 
-    batch_size = int(hparams["batch_size"])
-    streams = [
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def batch_streams(
+    spec: RunSpec, settings: RunSettings, data: RunData, seed: int
+) -> list[Iterator[Batch]]:
+    """One endless stream of training batches per training env, each seeded from the run
+    and its env (lazy: nothing is drawn before the loop asks)."""
+    augment = bool(settings.hparams["data_augmentation"])
+    return [
         train_batches(
-            dataset,
+            data.dataset,
             env,
-            splits[env].in_indices,
-            batch_size,
-            seed_hash("batches", run_seed, env),
-            augment=bool(hparams["data_augmentation"]),
+            data.splits[env].in_indices,
+            int(settings.hparams["batch_size"]),
+            seed_hash("batches", seed, env),
+            augment=augment,
             num_workers=spec.num_workers,
-            pin_memory=device.type == "cuda",
+            pin_memory=settings.device.type == "cuda",
         )
-        for env in train_ids
+        for env in data.train_envs
     ]
 
-    def set_phase(head_only: bool) -> torch.optim.Optimizer:
-        network.train()
-        for p in network.featurizer.parameters():
-            p.requires_grad_(not head_only)
-        if head_only:
-            network.featurizer.eval()  # frozen: no BatchNorm updates, no dropout
-            return _optimizer(list(network.classifier.parameters()), hparams)
-        return _optimizer(list(network.parameters()), hparams)
 
-    optimizer = set_phase(head_only_steps > 0)
+def set_phase(network: Network, hparams: dict[str, Any], head_only: bool) -> torch.optim.Optimizer:
+    """Put ``network`` in training mode for one phase and return a fresh Adam over what
+    trains in it: the head alone (the featurizer frozen and in eval mode: no BatchNorm
+    updates, no dropout) or every parameter."""
+    network.train()
+    for p in network.featurizer.parameters():
+        p.requires_grad_(not head_only)
+    if head_only:
+        network.featurizer.eval()
+        return _optimizer(list(network.classifier.parameters()), hparams)
+    return _optimizer(list(network.parameters()), hparams)
+
+
+def next_batch(streams: list[Iterator[Batch]], device: torch.device) -> Batch:
+    """The next batch of every training env, concatenated, on ``device``."""
+    xs, ys = zip(*(next(stream) for stream in streams), strict=True)
+    return torch.cat(xs).to(device, non_blocking=True), torch.cat(ys).to(device, non_blocking=True)
+
+
+def _cpu_state(network: nn.Module, copy: bool) -> dict[str, torch.Tensor]:
+    """``network``'s state on the CPU; ``copy``: never sharing memory with the network (a
+    kept evaluation must survive the updates after it)."""
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    return {k: v.clone() for k, v in state.items()} if copy else state
+
+
+@dataclass
+class TrainLog:
+    """What the training loop leaves besides the trained network."""
+
+    history: list[dict[str, Any]]  # every evaluation's metrics, in order
+    last: dict[str, Any]  # the last evaluation's metrics
+    best: KeepBest  # the best evaluation (offered only with keep="best")
+    clock: dict[str, float]  # host seconds spent on data and on evaluations
+    loop_started: float  # time.perf_counter() when the loop began
+
+
+def train_loop(
+    spec: RunSpec,
+    settings: RunSettings,
+    data: RunData,
+    network: Network,
+    streams: list[Iterator[Batch]],
+    head_only: int,
+    started: float,
+    on_eval: Callable[[dict[str, Any]], None] | None,
+) -> TrainLog:
+    """Train ``network`` for ``settings.steps`` updates (the first ``head_only`` on the
+    head alone), evaluating on the schedule; ``started`` (``time.time()``) is the run's
+    start, for the metrics' ``wall_s``."""
+    device, hparams = settings.device, settings.hparams
+    optimizer = set_phase(network, hparams, head_only > 0)
     loss_fn = nn.CrossEntropyLoss()
-    history: list[dict[str, Any]] = []
-    best = KeepBest()
+    log = TrainLog([], {}, KeepBest(), {"data_s": 0.0, "eval_s": 0.0}, time.perf_counter())
     guard = FiniteLossGuard()
-    last_metrics: dict[str, Any] = {}
-    # Where the loop's time goes (host clock; trainer_throughput.py reads these).
-    clock = {"data_s": 0.0, "eval_s": 0.0}
-    loop_started = time.perf_counter()
-    for step in range(steps):
-        if head_only_steps and step == head_only_steps:  # never true for LP (all head-only)
-            optimizer = set_phase(False)
+    for step in range(settings.steps):
+        if head_only and step == head_only:  # never true for LP (all head-only)
+            optimizer = set_phase(network, hparams, False)
         fetch_started = time.perf_counter()
-        xs, ys = zip(*(next(stream) for stream in streams), strict=True)
-        x = torch.cat(xs).to(device, non_blocking=True)
-        y = torch.cat(ys).to(device, non_blocking=True)
-        clock["data_s"] += time.perf_counter() - fetch_started
+        x, y = next_batch(streams, device)
+        log.clock["data_s"] += time.perf_counter() - fetch_started
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.amp):
             loss = loss_fn(network(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         guard.observe(step + 1, loss)
-        if is_eval_step(step + 1, steps, freq, spec.eval_schedule):
-            guard.check(float(hparams["lr"]))  # before evaluating a diverged network
-            eval_started = time.perf_counter()
-            metrics = evaluate_splits(
-                network,
-                dataset,
-                splits,
-                spec.test_env,
-                device,
-                amp=spec.amp,
-                num_workers=spec.num_workers,
-            )
-            clock["eval_s"] += time.perf_counter() - eval_started
-            metrics.update(step=step + 1, loss=loss.item(), wall_s=time.time() - started)
-            history.append(metrics)
-            last_metrics = metrics
-            if keep == "best":
-                best.offer(
-                    metrics["id_val_acc"],
-                    metrics,
-                    lambda: {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
-                )
-            if on_eval is not None:
-                on_eval(metrics)
-    if keep == "best" and best.state is not None:
-        state, final = best.state, best.metrics
-    else:
-        state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-        final = last_metrics
-    loop_s = time.perf_counter() - loop_started
-    final = dict(final, wall_s=time.time() - started, loop_s=loop_s, **clock)
-    meta = CheckpointMeta(
+        if not is_eval_step(step + 1, settings.steps, settings.freq, spec.eval_schedule):
+            continue
+        guard.check(float(hparams["lr"]))  # before evaluating a diverged network
+        eval_started = time.perf_counter()
+        metrics = evaluate_splits(
+            network,
+            data.dataset,
+            data.splits,
+            spec.test_env,
+            device,
+            amp=spec.amp,
+            num_workers=spec.num_workers,
+        )
+        log.clock["eval_s"] += time.perf_counter() - eval_started
+        metrics.update(step=step + 1, loss=loss.item(), wall_s=time.time() - started)
+        log.history.append(metrics)
+        log.last = metrics
+        if settings.keep == "best":
+            log.best.offer(metrics["id_val_acc"], metrics, lambda: _cpu_state(network, True))
+        if on_eval is not None:
+            on_eval(metrics)
+    return log
+
+
+def kept_evaluation(
+    log: TrainLog, network: Network, keep: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state and metrics a run saves: its best ID-val evaluation with ``keep="best"``
+    (when any was scored: a NaN never is), else the network as the last step left it."""
+    if keep == "best" and log.best.state is not None:
+        return log.best.state, log.best.metrics
+    return _cpu_state(network, False), log.last
+
+
+def checkpoint_meta(
+    spec: RunSpec,
+    settings: RunSettings,
+    plan: InitPlan,
+    pretrained_from: str,
+    final: dict[str, Any],
+) -> CheckpointMeta:
+    """What the checkpoint records about its making (its content hash is added on save)."""
+    cls = settings.dataset_cls
+    return CheckpointMeta(
         dataset=spec.dataset,
-        envs=list(dataset_cls.ENVIRONMENTS),
-        arch=resolve_arch(spec, dataset_cls, hparams),
-        num_classes=dataset_cls.NUM_CLASSES,
+        envs=list(cls.ENVIRONMENTS),
+        arch=resolve_arch(spec, cls, settings.hparams),
+        num_classes=cls.NUM_CLASSES,
         stage=spec.stage,
         test_env=spec.test_env,
         trial_seed=spec.trial_seed,
         hparams_seed=spec.hparams_seed,
         hparams=dict(
-            hparams, steps=steps, keep=keep, checkpoint_freq=freq, eval_schedule=spec.eval_schedule
+            settings.hparams,
+            steps=settings.steps,
+            keep=settings.keep,
+            checkpoint_freq=settings.freq,
+            eval_schedule=spec.eval_schedule,
         ),
         init={
             "strategy": plan.strategy,
@@ -591,8 +706,27 @@ def train_run(
         },
         metrics={k: v for k, v in final.items() if isinstance(v, (int, float))},
     )
-    with storage.checkpoint_output(spec.out) as out:  # local: spec.out; URI: published
-        meta = save_checkpoint(out, state, meta)
+
+
+def save_run_checkpoint(
+    out: Path | str, state: dict[str, torch.Tensor], meta: CheckpointMeta
+) -> CheckpointMeta:
+    """Save the checkpoint to ``out`` (local: in place; URI: staged, then published) and
+    return its metadata with the content hash."""
+    with storage.checkpoint_output(out) as local:
+        return save_checkpoint(local, state, meta)
+
+
+def run_result(
+    spec: RunSpec,
+    settings: RunSettings,
+    plan: InitPlan,
+    final: dict[str, Any],
+    meta: CheckpointMeta,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The metrics ``train_run`` returns (a ``trials`` row's fields, and the history)."""
+    hparams = settings.hparams
     return {
         "dataset": spec.dataset,
         "stage": spec.stage,
@@ -603,13 +737,33 @@ def train_run(
         "init_sources": plan.sources,
         "init_weights": plan.weights,
         **{k: hparams[k] for k in HPARAM_COLUMNS if k != "steps"},
-        "steps": steps,
+        "steps": settings.steps,
         **final,
         "checkpoint": str(spec.out),
         "content_hash": meta.content_hash,
-        "device": str(device),
+        "device": str(settings.device),
         "history": history,
     }
+
+
+def train_run(
+    spec: RunSpec, on_eval: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Train one run, save its checkpoint to ``spec.out`` and return its metrics."""
+    started = time.time()
+    settings = resolve_settings(spec)
+    data = load_run_data(spec, settings)
+    seed = run_seed(spec)
+    network, plan, pretrained_from = build_model(spec, settings, seed)
+    streams = batch_streams(spec, settings, data, seed)
+    head_only = head_only_steps(spec, plan, settings.hparams, settings.steps)
+    log = train_loop(spec, settings, data, network, streams, head_only, started, on_eval)
+    state, final = kept_evaluation(log, network, settings.keep)
+    loop_s = time.perf_counter() - log.loop_started
+    final = dict(final, wall_s=time.time() - started, loop_s=loop_s, **log.clock)
+    meta = checkpoint_meta(spec, settings, plan, pretrained_from, final)
+    meta = save_run_checkpoint(spec.out, state, meta)
+    return run_result(spec, settings, plan, final, meta, log.history)
 
 
 def result_json(result: dict[str, Any]) -> str:
