@@ -135,7 +135,9 @@ def test_sweep_on_s3_then_resume(local_ray, s3_bucket, capfd) -> None:
     assert storage.read_meta(aux_run.checkpoint).hparams["keep"] == "last"
     assert f"{root}/checkpoints/lp/lp-{aux}-all" in set(trials.checkpoint)
     assert trials.checkpoint.str.startswith(f"{root}/checkpoints/").all()
-    assert sorted(storage.find_checkpoints(f"{root}/checkpoints")) == sorted(trials.checkpoint)
+    soup_folder = f"{root}/checkpoints/soup/"
+    found = storage.find_checkpoints(f"{root}/checkpoints")
+    assert sorted(c for c in found if not c.startswith(soup_folder)) == sorted(trials.checkpoint)
     fusing = trials[trials.init == "fusing"].iloc[0]
     assert list(fusing.init_sources) == ["pretrained", f"{root}/checkpoints/aux/aux-{aux}-h0"]
     _, meta = load_checkpoint(storage.local_checkpoint(fusing.checkpoint))
@@ -157,7 +159,9 @@ def test_sweep_on_s3_then_resume(local_ray, s3_bucket, capfd) -> None:
     assert "soup_state.json" in files
     for checkpoint in soups.checkpoint.dropna():
         assert storage.is_checkpoint(checkpoint) and checkpoint.startswith(root)
-    capfd.readouterr()
+    first = capfd.readouterr().err  # raysoup's status lines, not Tune's table (tune_verbose 0)
+    final = "raysoup: 6/6 runs done (base 1/1, lp 2/2, aux 1/1, target 2/2), 0 running, 0 failed"
+    assert final in first and "Trial status" not in first
 
     assert run_sweep(config, storage=f"{s3_bucket}/runs/") == root  # resume: nothing to do
     err = capfd.readouterr().err

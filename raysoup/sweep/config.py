@@ -47,6 +47,7 @@ RUN_KNOBS = (
     "soup_gpus",
     "soup_max_models",
     "soup_every_s",
+    "tune_verbose",
 )
 # Version of sweep.json (a record without "version" predates the options above).
 RECORD_VERSION = 2
@@ -126,6 +127,12 @@ class SweepConfig:
     soup_cpus: float = option(0.0, help="CPUs reserved for the soup actor")
     soup_gpus: float = option(0.0, help="GPU share of the soup actor (it evaluates soups)")
     soup_max_models: int = option(2, help="full models the soup actor may cache in memory")
+    tune_verbose: int = option(
+        0,
+        help="Ray Tune's own output: 0 = only raysoup's status lines (one per change, at "
+        "most every 5 s), 1 = also Tune's trial table, 2 = and every trial result",
+        choices=(0, 1, 2),
+    )
     soup_every_s: float = option(
         30.0,
         help="seconds between the batches of finished trials the soup actor gets (a batch is "

@@ -52,6 +52,7 @@ from raysoup.sweep.cluster import ray_session
 from raysoup.sweep.config import SweepConfig
 from raysoup.sweep.lease import SweepLease
 from raysoup.sweep.plan import PlannedRun, dependencies, plan_sweep
+from raysoup.sweep.progress import SweepProgress
 from raysoup.sweep.record import record_config
 from raysoup.sweep.schedule import PlanSearcher
 from raysoup.sweep.soup_actor import SoupFeeder, actor_name, start_soup_actor
@@ -312,7 +313,7 @@ def _fit(
             **tune_storage,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             callbacks=list(callbacks or []),
-            verbose=1,
+            verbose=config.tune_verbose,
         ),
     )
     slots = trial_slots(config, ray.cluster_resources())
@@ -463,10 +464,16 @@ def _run_with_ray(
     """The ``missing`` runs of ``every`` on Ray Tune, souped by the soup actor as they
     finish: ``(failures, soup rows written at the end, soup summary)``."""
     with ray_session():
-        callbacks: list[tune.Callback] = []
+        todo = {run.key for run in missing}
+        progress = SweepProgress(
+            {run.key: run.stage for run in every},
+            [run.key for run in every if run.key not in todo],
+            soup_actor=actor_name(config.name, root) if targets else None,
+        )
+        callbacks: list[tune.Callback] = [progress]
         if targets:  # listening before any trial starts: a target may finish early
             soup = start_soup(root, config, targets)
-            callbacks = [soup_feeder(root, config)]
+            callbacks.append(soup_feeder(root, config))
         failures = run_runs(
             TUNE_EXPERIMENT, every, root, config, callbacks, plan=plan, missing=missing
         )
