@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--aux-pool",
-        type=Path,
-        default=None,
-        help="<storage>/<name> of a finished domainbed_aux_pool.py run to borrow from",
+        default=None,  # a string: a URI (s3://...) must not become a Path
+        help="<storage>/<name> (a path or a URI) of a finished domainbed_aux_pool.py run "
+        "to borrow from",
     )
     add("--storage", default="runs", help="shared path every node sees")
     add("--name", default=None, help="experiment name (default: domainbed-<dataset>)")

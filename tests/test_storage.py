@@ -11,6 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
+from raysoup.data.nuisance import NUISANCE_AUXILIARY
 from raysoup.io import storage
 from raysoup.io.checkpoint import (
     META_FILE,
@@ -21,12 +22,13 @@ from raysoup.io.checkpoint import (
     save_checkpoint,
 )
 from raysoup.io.layout import SweepLayout
-from raysoup.options import from_mapping
+from raysoup.options import OptionsError, from_mapping
 from raysoup.results import ResultsStore, load_results
-from raysoup.sweep.config import load_config
-from raysoup.sweep.plan import plan_sweep
+from raysoup.sweep.config import SweepConfig, load_config
+from raysoup.sweep.plan import aux_key, check_aux_pool, plan_sweep
+from raysoup.sweep.record import record_config
 from raysoup.training import inits
-from raysoup.training.trainer import RunSpec
+from raysoup.training.trainer import RunSpec, train_run
 
 SOUP_STEP = {
     "sweep": "q",
@@ -252,6 +254,59 @@ def test_aux_pool_is_listed_on_s3_and_leaks_are_never_fetched(s3_bucket, tmp_pat
     assert not (tmp_path / "cache").exists()  # the leak was refused before any download
     state = inits.load_aux_featurizer(f"{s3_bucket}/aux/y", "Target", reference)
     torch.testing.assert_close(state["conv.weight"], torch.full((3, 2), 2.0))
+
+
+def _tiny_run(spec: dict, key: str) -> dict:
+    """A planned run, trained for two steps on the CPU."""
+    return train_run(from_mapping(RunSpec, {**spec, "steps": 2, "device": "cpu"}, key))
+
+
+def test_a_pool_under_a_uri_is_borrowed_and_trains_a_target_run(s3_bucket, tmp_path, monkeypatch):
+    """``aux_pool`` is a location as ``--storage`` is: a pool on S3 is checked where it is
+    at planning (record, runs, metadata and headers; no download), and a target run with an
+    auxiliary init fetches the runs it mixes and trains."""
+    monkeypatch.setenv("RAYSOUP_CACHE", str(tmp_path / "cache"))
+    pool = SweepLayout.of(f"{s3_bucket}/runs", "pool")
+    pool_config = SweepConfig(
+        name="pool", dataset=None, aux_datasets=list(NUISANCE_AUXILIARY), aux_n_hparams=1
+    ).validate()
+    record_config(pool.root, pool_config)
+    lent = [pool.checkpoint("aux", aux_key(aux, 0)) for aux in NUISANCE_AUXILIARY]
+    for aux, out in zip(NUISANCE_AUXILIARY, lent, strict=True):  # trained here, uploaded
+        _tiny_run({"dataset": aux, "stage": "aux", "test_env": -1, "out": tmp_path / aux}, aux)
+        storage.publish_checkpoint(tmp_path / aux, out)
+    config = load_config(None, aux_pool=pool.root, inits=["pretrained", "fusing"], n_hparams=1)
+    assert config.aux_pool == pool.root  # a URI stays a string (a Path would collapse //)
+    assert check_aux_pool(config) == lent
+    assert not (tmp_path / "cache").exists()  # planning checks the pool, fetches nothing
+    plan = plan_sweep(config, tmp_path / "target")
+    assert list(plan) == ["lp", "target"]  # the pool's aux runs are reused
+    fusing = next(run for run in plan["target"] if run.spec["init"] == "fusing")
+    assert fusing.spec["aux_dir"] == lent
+    _tiny_run(plan["lp"][0].spec, plan["lp"][0].key)
+    result = _tiny_run(fusing.spec, fusing.key)
+    assert result["init_sources"][0] == "pretrained"
+    assert sorted(result["init_sources"][1:]) == sorted(lent)
+    assert storage.is_checkpoint(fusing.spec["out"])
+    fetched = storage.find_checkpoints(tmp_path / "cache" / storage.STORAGE_CACHE)
+    assert len(fetched) == len(lent)  # the mixed runs, fetched when the trial needed them
+
+
+def test_a_bad_uri_pool_is_refused_naming_it(s3_bucket, tmp_path) -> None:
+    expected = r"\(expected the folder <storage>/<name> of a sweep or auxiliary pool: a local"
+    for pool, problem in [
+        (f"{s3_bucket}/runs/nowhere", "no such directory"),
+        ("nosuch://bucket/pool", r"not a usable URI \(.*\)"),
+    ]:
+        with pytest.raises(OptionsError, match=f"aux_pool='{pool}': {problem} {expected}"):
+            load_config(None, aux_pool=pool)
+    root = f"{s3_bucket}/runs/pool"
+    storage.write_bytes_atomic(storage.join(root, "notes.txt"), b"not a sweep")
+    with pytest.raises(OptionsError, match=f"aux_pool='{root}': no sweep.json; not a sweep"):
+        plan_sweep(load_config(None, aux_pool=root), tmp_path)
+    record_config(root, SweepConfig(name="pool", dataset=None).validate())
+    with pytest.raises(OptionsError, match=f"aux_pool='{root}' lacks auxiliary run"):
+        plan_sweep(load_config(None, aux_pool=root), tmp_path)
 
 
 def test_endpoint_given_in_the_uri_query(s3_endpoint, s3_bucket, tmp_path, monkeypatch) -> None:

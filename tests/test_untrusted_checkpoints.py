@@ -329,6 +329,17 @@ def test_symlinks_leaving_the_pool_are_refused(tmp_path: Path) -> None:
         inits.discover_aux_pool([pool], "Target")
 
 
+def test_a_pool_given_as_a_file_uri_is_checked_as_its_folder(tmp_path: Path) -> None:
+    outside, pool = tmp_path / "outside", tmp_path / "pool"
+    _save(outside / "ck")
+    sources = ["pretrained", str(pool / "other")]
+    _save(pool / "real", init={"strategy": "fusing", "sources": sources, "weights": [0.5] * 2})
+    assert inits.discover_aux_pool([pool.as_uri()], "Target").as_lists() == [[str(pool / "real")]]
+    (pool / "stranger").symlink_to(outside / "ck", target_is_directory=True)
+    with pytest.raises(CheckpointError, match=r"symlink resolves to .*outside the auxiliary pool"):
+        inits.discover_aux_pool([pool.as_uri()], "Target")
+
+
 @pytest.mark.parametrize("source", ["/etc/passwd", "../outside/ck", "s3://elsewhere/ck"])
 def test_metadata_paths_leaving_the_pool_are_refused(tmp_path: Path, source: str) -> None:
     pool = tmp_path / "pool"

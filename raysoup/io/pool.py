@@ -46,7 +46,7 @@ def source_inside(source: str, root: Location) -> bool:
         return _inside(posixpath.normpath(posixpath.join(path, source)), path)
     if storage.is_uri(source) or source.lower().startswith("file:"):
         return False
-    base = os.path.abspath(os.fspath(root))
+    base = os.path.abspath(storage.local_path(root))  # file:// and ~ as the listing reads them
     target = os.path.normpath(os.path.join(base, os.path.expanduser(source)))
     return _inside(target, base) or _inside(target, str(Path(base).resolve()))
 
@@ -83,7 +83,7 @@ def check_pool_symlinks(root: Location) -> None:
     """Refuse a local pool holding a symlink that leads outside it (URIs have none)."""
     if storage.is_uri(root):
         return
-    escaping = escaping_symlinks(Path(root))
+    escaping = escaping_symlinks(storage.local_path(root))  # Path("file:///p") is not /p
     if escaping:
         link, target = escaping[0]
         raise CheckpointError(

@@ -28,9 +28,12 @@ from the URI's query (``s3://bucket/runs?endpoint_override=host:9000&scheme=http
 Public API (``Location`` = ``Path | str``):
 
 - :func:`is_uri`, :func:`resolve`, :func:`join`, :func:`filesystem` — naming things;
-- :func:`check_writable` — a clear error for a bad place before any work starts;
-- :func:`exists`, :func:`is_dir`, :func:`read_bytes`, :func:`write_bytes_atomic` — files;
-- :func:`is_checkpoint`, :func:`read_meta`, :func:`find_checkpoints` — checkpoints in place;
+- :func:`check_writable`, :func:`dir_problem`, :func:`explain` — a clear error for a bad
+  place before any work starts;
+- :func:`exists`, :func:`is_dir`, :func:`is_file`, :func:`read_bytes`,
+  :func:`write_bytes_atomic` — files;
+- :func:`is_checkpoint`, :func:`read_meta`, :func:`check_weights`, :func:`find_checkpoints`
+  — checkpoints in place;
 - :func:`checkpoint_output`, :func:`publish_checkpoint` — writing a checkpoint;
 - :func:`local_checkpoint` — a local directory to read a checkpoint from.
 """
@@ -63,10 +66,13 @@ from raysoup.io.checkpoint import (
     meta_from_bytes,
     not_a_checkpoint,
 )
+from raysoup.io.checkpoint import check_weights as _check_local_weights
 from raysoup.io.checkpoint import is_checkpoint as _is_local_checkpoint
 from raysoup.io.checkpoint import read_meta as _read_local_meta
 from raysoup.io.validate import (
     MAX_META_BYTES,
+    TensorEntry,
+    check_classifier,
     check_meta_size,
     read_meta_bytes,
     read_safetensors_header,
@@ -166,7 +172,7 @@ class StorageLocationError(StorageError, BadInputError):
     label = "error"
 
 
-def _explain(error: OSError) -> str:
+def explain(error: OSError) -> str:
     """A short reason from an OS or Arrow (S3, GCS) error."""
     text = str(error)
     lowered = text.lower()
@@ -216,7 +222,7 @@ def check_writable(location: Location) -> None:
         fs, path = filesystem(probe)
         fs.delete_file(path)
     except OSError as error:
-        raise StorageError(f"storage {location}: cannot write there: {_explain(error)}") from error
+        raise StorageError(f"storage {location}: cannot write there: {explain(error)}") from error
 
 
 # ---------------------------------------------------------------- small files
@@ -236,6 +242,24 @@ def is_dir(location: Location) -> bool:
     if not is_uri(location):
         return local_path(location).is_dir()
     return _info(location).type == pafs.FileType.Directory
+
+
+def is_file(location: Location) -> bool:
+    """A file (on object stores: an object)."""
+    if not is_uri(location):
+        return local_path(location).is_file()
+    return _info(location).type == pafs.FileType.File
+
+
+def dir_problem(location: Location) -> str | None:
+    """Why ``location`` is not a directory that can be read: missing, a malformed URI or
+    unknown scheme, an unreachable store, refused credentials; ``None`` when it is one."""
+    try:
+        return None if is_dir(location) else "no such directory"
+    except ValueError as error:  # from filesystem(): the URI itself is wrong
+        return f"not a usable URI ({error.__cause__ or error})"
+    except OSError as error:
+        return f"cannot read it: {explain(error)}"
 
 
 def read_bytes(location: Location) -> bytes:
@@ -315,13 +339,23 @@ def _read_marker(marker: str) -> bytes:
     return raw
 
 
-def _check_remote_weights(location: str) -> None:
-    """Check the safetensors header of a remote checkpoint's weights before downloading
-    them (two small ranged reads)."""
+def _check_remote_weights(location: str) -> dict[str, TensorEntry]:
+    """The checked safetensors header of a remote checkpoint's weights, read before they
+    are downloaded (two small ranged reads)."""
     weights = join(location, WEIGHTS_FILE)
     fs, path = filesystem(weights)
     with fs.open_input_file(path) as handle:
-        read_safetensors_header(handle, handle.size(), weights)
+        return read_safetensors_header(handle, handle.size(), weights)
+
+
+def check_weights(location: Location, meta: CheckpointMeta) -> None:
+    """Check the weights header of the checkpoint at ``location`` on its own and against
+    its metadata ``meta`` (O(header); a URI's weights are not downloaded)."""
+    if not is_uri(location):
+        _check_local_weights(local_path(location), meta)
+        return
+    header = _check_remote_weights(str(location))
+    check_classifier(header, meta.num_classes, join(location, WEIGHTS_FILE))
 
 
 def find_checkpoints(root: Location) -> list[Location]:

@@ -18,6 +18,8 @@ from raysoup.contract import ACCEPT, INITS
 from raysoup.data.builtin import BUILTIN_AUXILIARY, BUILTIN_TARGET
 from raysoup.data.nuisance import NUISANCE_AUXILIARY, NUISANCE_TARGET
 from raysoup.data.registry import dataset_class
+from raysoup.io import storage
+from raysoup.io.storage import Location
 from raysoup.models.networks import ARCHS
 from raysoup.options import OptionsError, from_mapping, option
 from raysoup.sweep import QUICKSTART_NAME
@@ -51,6 +53,19 @@ RUN_KNOBS = (
 )
 # Version of sweep.json (a record without "version" predates the options above).
 RECORD_VERSION = 2
+# What an aux_pool must be (said by every error about one).
+AUX_POOL_EXPECTED = (
+    "expected the folder <storage>/<name> of a sweep or auxiliary pool: a local path or a "
+    "URI such as s3://bucket/runs/pool"
+)
+
+
+def check_aux_pool_location(value: Location) -> None:
+    """Raise ``OptionsError`` naming ``value`` unless it is a directory that can be read
+    (a local one, ``~`` expanded, or a URI's prefix)."""
+    problem = storage.dir_problem(value)
+    if problem is not None:
+        raise OptionsError(f"aux_pool={str(value)!r}: {problem} ({AUX_POOL_EXPECTED})")
 
 
 @dataclasses.dataclass
@@ -78,10 +93,11 @@ class SweepConfig:
         "auxiliary runs, all parameters trainable from the first step (reference); false: "
         "no aux LP, aux runs first train the head alone for lp_steps at their own lr",
     )
-    aux_pool: Path | None = option(
+    aux_pool: Path | str | None = option(
         None,
-        help="experiment folder (<storage>/<name>) of a finished sweep or auxiliary pool: "
-        "target runs take its auxiliary runs instead of training an aux stage here",
+        help="experiment folder (<storage>/<name>, a path or a URI such as "
+        "s3://bucket/runs/pool) of a finished sweep or auxiliary pool: target runs take its "
+        "auxiliary runs instead of training an aux stage here",
     )
     steps: int | None = option(None, help="target run steps (default: dataset N_STEPS)")
     aux_steps: int | None = option(None, help="auxiliary run steps (default: dataset N_STEPS)")
@@ -228,8 +244,8 @@ class SweepConfig:
             raise OptionsError(f"inits {self.inits} need auxiliary datasets: set aux_datasets")
         if not target.IS_BUILTIN and self.data_dir is None:
             raise OptionsError(f"dataset {self.dataset!r} is read from disk: set data_dir")
-        if self.aux_pool is not None and not Path(self.aux_pool).is_dir():
-            raise OptionsError(f"aux_pool={str(self.aux_pool)!r}: no such directory")
+        if self.aux_pool is not None:
+            check_aux_pool_location(self.aux_pool)
         uses_pool = bool(set(self.inits) - {"pretrained"})
         for aux in self.aux_datasets if uses_pool and self.arch is None else []:
             cls = dataset_class(aux)  # known: checked by _validate_aux

@@ -20,9 +20,11 @@ every auxiliary run starts from its dataset's LP head.
 ``aux_pool``, the aux stage (and, built-in, the base) is not planned: target runs read
 ``<aux_pool>/checkpoints/aux/<key>`` (same keys), one folder per configured auxiliary
 run, so a pool holding more datasets than configured (e.g. the target's own) lends only
-the configured ones. That is the one case where planning reads files: the pool's
-``sweep.json``, whether its checkpoints exist, and, since a pool may come from anyone,
-their symlinks, metadata and safetensors headers (``raysoup.io.pool``, O(header) each).
+the configured ones. The pool is a local path or a URI, like the root, read through
+``raysoup.io.storage`` either way. That is the one case where planning reads files: the
+pool's ``sweep.json``, whether its checkpoints exist, and, since a pool may come from
+anyone, their symlinks, metadata and safetensors headers (``raysoup.io.pool``, O(header)
+each).
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ from typing import Any
 from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage
-from raysoup.io.checkpoint import META_FILE, check_weights, is_checkpoint, read_meta
+from raysoup.io.checkpoint import META_FILE
 from raysoup.io.layout import RECORD, SweepLayout
 from raysoup.io.pool import check_meta_paths, check_pool_symlinks
 from raysoup.io.storage import Location
 from raysoup.options import OptionsError
-from raysoup.sweep.config import SweepConfig, parse_record
+from raysoup.sweep.config import (
+    AUX_POOL_EXPECTED,
+    SweepConfig,
+    check_aux_pool_location,
+    parse_record,
+)
 from raysoup.training.trainer import SHARED_LP_SEED
 
 STAGE_ORDER = ("base", "lp", "aux", "target")
@@ -76,41 +83,48 @@ def lp_seed(config: SweepConfig, trial_seed: int) -> int:
     return trial_seed if config.lp_per_trial_seed else SHARED_LP_SEED
 
 
-def check_aux_pool(config: SweepConfig) -> list[Path]:
+def pool_root(config: SweepConfig) -> Location:
+    """The borrowed pool's folder: a local path resolved (``~`` expanded), or a URI."""
+    assert config.aux_pool is not None
+    return storage.resolve(config.aux_pool)
+
+
+def check_aux_pool(config: SweepConfig) -> list[Location]:
     """The pool checkpoints a target sweep with ``aux_pool`` borrows, checked to exist and
     to come from a compatible sweep; ``OptionsError`` naming what is wrong otherwise.
     The pool is untrusted: a symlink leading out of it, or a checkpoint with malformed
-    metadata or weights header, or naming paths outside it, is a ``CheckpointError``."""
+    metadata or weights header, or naming paths outside it, is a ``CheckpointError``.
+    A local pool and a URI one are read alike (only metadata and weights headers)."""
     assert config.aux_pool is not None
-    pool = Path(config.aux_pool).expanduser().resolve()
-    record = Path(SweepLayout(pool).record)
-    if not record.is_file():
-        raise OptionsError(f"aux_pool={str(config.aux_pool)!r}: no {RECORD}; not a sweep")
-    theirs = parse_record(record.read_bytes(), str(record))["config"]
+    check_aux_pool_location(config.aux_pool)
+    value = str(config.aux_pool)
+    layout = SweepLayout(pool_root(config))
+    if not storage.is_file(layout.record):
+        raise OptionsError(f"aux_pool={value!r}: no {RECORD}; not a sweep ({AUX_POOL_EXPECTED})")
+    theirs = parse_record(storage.read_bytes(layout.record), str(layout.record))["config"]
     ours = config.to_dict()
     for name in POOL_MUST_MATCH:
         if theirs.get(name) != ours[name]:
             raise OptionsError(
-                f"aux_pool={str(config.aux_pool)!r} was trained with {name}="
+                f"aux_pool={value!r} was trained with {name}="
                 f"{theirs.get(name)!r}, this sweep has {name}={ours[name]!r}"
             )
-    check_pool_symlinks(Path(SweepLayout(pool).checkpoints()))
-    paths = [
-        checkpoint_path(pool, "aux", aux_key(aux, h))
-        for aux in config.aux_datasets
-        for h in range(config.aux_n_hparams)
+    check_pool_symlinks(layout.checkpoints())
+    keys = [aux_key(aux, h) for aux in config.aux_datasets for h in range(config.aux_n_hparams)]
+    paths = [layout.checkpoint("aux", key) for key in keys]
+    missing = [
+        key for key, path in zip(keys, paths, strict=True) if not storage.is_checkpoint(path)
     ]
-    missing = [path.name for path in paths if not is_checkpoint(path)]
     if missing:
         raise OptionsError(
-            f"aux_pool={str(config.aux_pool)!r} lacks auxiliary run(s) {missing}: train or "
+            f"aux_pool={value!r} lacks auxiliary run(s) {missing}: train or "
             f"finish the pool first (it has aux_datasets={theirs.get('aux_datasets')}, "
             f"aux_n_hparams={theirs.get('aux_n_hparams')})"
         )
     for path in paths:  # refused here, before a single trial starts
-        meta = read_meta(path)
-        check_meta_paths(meta, pool, path / META_FILE)
-        check_weights(path, meta)
+        meta = storage.read_meta(path)
+        check_meta_paths(meta, layout.root, storage.join(path, META_FILE))
+        storage.check_weights(path, meta)
     return paths
 
 
@@ -164,9 +178,12 @@ def _base_stage(
     if not _uses_builtin_base(config):
         return None, []
     if borrowing:
-        pretrained = checkpoint_path(Path(config.aux_pool).expanduser().resolve(), "base", "base")
-        if not is_checkpoint(pretrained):
-            raise OptionsError(f"aux_pool={str(config.aux_pool)!r} has no base network")
+        pretrained = SweepLayout(pool_root(config)).checkpoint("base", "base")
+        if not storage.is_checkpoint(pretrained):
+            raise OptionsError(
+                f"aux_pool={str(config.aux_pool)!r} has no base network: expected the "
+                f"checkpoint its auxiliary runs started from at {pretrained}"
+            )
         return pretrained, []
     pretrained = checkpoint_path(root, "base", "base")
     spec = {"dataset": BUILTIN_BASE, "stage": "base", "test_env": -1, "out": pretrained}
