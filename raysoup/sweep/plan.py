@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysoup.contract import STAGES
 from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage
@@ -49,7 +50,6 @@ from raysoup.sweep.config import (
 )
 from raysoup.training.trainer import SHARED_LP_SEED
 
-STAGE_ORDER = ("base", "lp", "aux", "target")
 # Settings an auxiliary pool must share with a target sweep that borrows it: the same
 # network, fine-tuned from the same pretrained weights.
 POOL_MUST_MATCH = ("arch", "pretrained_weights")
@@ -290,7 +290,7 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
         "aux": _aux_stage(config, common, root, aux_datasets, lps),
         "target": _target_stage(config, common, root, lps, aux_dir),
     }
-    return {stage: stages[stage] for stage in STAGE_ORDER if stages[stage]}
+    return {stage: stages[stage] for stage in STAGES if stages[stage]}
 
 
 def dependencies(run: PlannedRun, plan: dict[str, list[PlannedRun]]) -> list[str]:
