@@ -111,13 +111,16 @@ def test_feeder_never_fails_tune_when_the_actor_is_missing(local_ray, capfd) -> 
     from raysoup.sweep.soup_actor import SoupFeeder
 
     feeder = SoupFeeder("soup:no-such-sweep:0000000000")
-    result = {
-        "final": True,
-        "stage": "target",
-        "key": "target-x",
-        **{"checkpoint": "/nowhere", "id_val_acc": 0.5, "content_hash": "h", "test_acc": 0.4},
-        **{"dataset": "MiniRotatedMNIST", "test_env": 5, "trial_seed": 0, "init": "pretrained"},
-    }
+    offer = Offer(
+        trial_id="target-x",
+        checkpoint="/nowhere",
+        id_val_acc=0.5,
+        content_hash="h",
+        group=GroupKey("MiniRotatedMNIST", 5, 0, "pretrained"),
+        test_acc=0.4,
+    )
+    result = {"final": True, "stage": "target", "key": "target-x"}
+    result[Offer.RESULT_KEY] = offer.to_dict()
     feeder.on_trial_complete(0, [], SimpleNamespace(last_result=result))
     err = capfd.readouterr().err
     assert "soup actor 'soup:no-such-sweep:0000000000' not reached for trial(s) target-x" in err

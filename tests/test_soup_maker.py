@@ -135,7 +135,9 @@ def test_uniform_soup_is_the_direct_average_and_reloads_to_its_accuracies(trials
     # uniform_all of one trial seed is that seed's uniform soup: the same weights, bit for bit
     everything = soups[soups.method == "uniform_all"].iloc[0]
     assert everything.trial_seed == -1 and math.isnan(everything.id_val_acc)
-    assert everything.checkpoint.endswith("soups/uniform_all/MiniRotatedMNIST-e5-sall-pretrained")
+    assert everything.checkpoint.endswith(
+        "checkpoints/soup/uniform_all/MiniRotatedMNIST-e5-sall-pretrained"
+    )
     assert _weights_hash(everything.checkpoint) == _weights_hash(uniform.checkpoint)
     assert everything.test_acc == uniform.test_acc
     assert list(everything.ingredients) == list(uniform.ingredients)
