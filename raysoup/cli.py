@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from raysoup.contract import ACCEPT, METHODS
+from raysoup.contract import ACCEPT, METHODS, TABLE_FORMATS
 from raysoup.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, RaysoupError
 from raysoup.options import add_arguments, from_mapping
 
@@ -75,29 +75,52 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from raysoup.results import (
-        best_single_table,
-        load_results,
-        paper_table,
-        plot_method_bars,
-        plot_soup_progress,
-        sweep_table,
-    )
+    from raysoup.results import load_results, sweep_table
 
     results = load_results(args.path)
     print(sweep_table(results, dataset=args.dataset, fmt=args.format))
     if args.plot is not None:
-        folder = Path(args.plot)
-        folder.mkdir(parents=True, exist_ok=True)
-        soups = results["soups"]
-        if soups.empty:
-            soups = best_single_table(results["trials"])
-        plot_method_bars(paper_table(soups, dataset=args.dataset), folder / "methods.png")
-        plot_soup_progress(results["soup_steps"], folder / "soup_progress.png")
-        print(f"plots: {folder / 'methods.png'}, {folder / 'soup_progress.png'}", file=sys.stderr)
+        _save_figures(results, args.plot, args.dataset)
     return 0
+
+
+def _save_figures(results: dict, folder: str, dataset: str | None) -> None:
+    from pathlib import Path
+
+    from raysoup.results.plots import results_figures, save_figure
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    figures = results_figures(results, dataset=dataset)
+    for stem, figure in figures.items():
+        save_figure(figure, Path(folder) / stem)
+    print(f"plots: {len(figures)} figures (.png and .svg) in {folder}", file=sys.stderr)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from raysoup.diagnostics.diagnose import DiagnoseOptions, diagnose
+    from raysoup.results import load_results
+
+    values = {k: v for k, v in vars(args).items() if k in _fields(DiagnoseOptions)}
+    options = from_mapping(DiagnoseOptions, values, "raysoup diagnose")
+    options.validate()  # before anything is read
+    rows = diagnose(args.path, options)
+    print(f"diagnostics: {len(rows)} rows", file=sys.stderr)
+    if args.plot is not None:
+        _save_figures(load_results(args.path), args.plot, None)
+    return 0
+
+
+def _write_report(args: argparse.Namespace) -> int:
+    from raysoup.results.report import write_report
+
+    print(f"report: {write_report(args.path, args.output, dataset=args.dataset)}")
+    return 0
+
+
+def _fields(cls: type) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _soup(args: argparse.Namespace) -> int:
@@ -151,11 +174,41 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     results = commands.add_parser("results", help="print the paper-style table of a sweep")
     results.add_argument("path", help="<storage>/<name> or its results/ folder")
     results.add_argument("--dataset", default=None, help="when several datasets are present")
-    results.add_argument("--format", default="text", choices=["text", "markdown", "csv", "latex"])
+    results.add_argument("--format", default="text", choices=TABLE_FORMATS)
     results.add_argument(
-        "--plot", default=None, metavar="DIR", help="also draw methods.png, soup_progress.png"
+        "--plot",
+        default=None,
+        metavar="DIR",
+        help="also draw every figure (methods, id_vs_ood, soup_progress and, after "
+        "`raysoup diagnose`, the diagnostics) as PNG and SVG",
     )
     results.set_defaults(handler=_results)
+
+    if with_train:  # DiagnoseOptions' module imports torch, as RunSpec's does
+        from raysoup.diagnostics.diagnose import DiagnoseOptions
+
+        diagnose = commands.add_parser(
+            "diagnose",
+            help="why the soups work: interpolation curves, angles, landscape (Parquet)",
+            description="Evaluate straight lines and planes in weight space between a "
+            "sweep's inits, trials and soups (ID-val and test accuracy and loss) and write "
+            "them to results/diagnostics/. Reruns skip what is unchanged.",
+        )
+        diagnose.add_argument("path", help="the sweep folder <storage>/<name>")
+        add_arguments(diagnose, DiagnoseOptions)
+        diagnose.add_argument(
+            "--plot", default=None, metavar="DIR", help="then draw every figure into DIR"
+        )
+        diagnose.set_defaults(handler=_diagnose)
+
+    report = commands.add_parser(
+        "report",
+        help="write one self-contained HTML report (tables and figures) of a sweep",
+    )
+    report.add_argument("path", help="<storage>/<name> (local path or URI)")
+    report.add_argument("-o", "--output", default="report.html", help="the HTML file")
+    report.add_argument("--dataset", default=None, help="when several datasets are present")
+    report.set_defaults(handler=_write_report)
 
     soup = commands.add_parser(
         "soup",

@@ -17,3 +17,8 @@ ACCEPT = ("ge", "gt")
 # Trials of one (dataset, test env, trial seed, init) are souped together.
 GROUP_COLUMNS = ("dataset", "test_env", "trial_seed", "init")
 HPARAM_COLUMNS = ("lr", "weight_decay", "batch_size", "resnet_dropout", "steps")
+# The fourth Parquet dataset (``raysoup diagnose``) and what each of its rows measures.
+DIAGNOSTICS = "diagnostics"
+DIAGNOSTIC_PARTS = ("init_to_trial", "trial_to_trial", "soup_to_ingredient", "angle", "landscape")
+# What ``raysoup results --format`` writes.
+TABLE_FORMATS = ("text", "markdown", "csv", "latex", "html")

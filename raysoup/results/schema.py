@@ -1,4 +1,4 @@
-"""Arrow schemas of the three Parquet datasets, and row validation.
+"""Arrow schemas of the four Parquet datasets, and row validation.
 
 - The column names are the user-facing contract (DESIGN.md): ``trials``, ``soup_steps``
   and ``soups``. Extra columns are allowed; the fixed ones keep their types so that every
@@ -26,9 +26,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from raysoup.contract import ALL_SEEDS_METHODS, INITS, METHODS, STAGES
+from raysoup.contract import (
+    ALL_SEEDS_METHODS,
+    DIAGNOSTIC_PARTS,
+    DIAGNOSTICS,
+    INITS,
+    METHODS,
+    STAGES,
+)
 
-KINDS = ("trials", "soup_steps", "soups")
+KINDS = ("trials", "soup_steps", "soups", DIAGNOSTICS)
 # METHODS: erm: best single trial by ID-val; uniform / greedy: soups of a group's trials;
 # uniform_all: one uniform soup of every trial seed's trials (DiWA's uniform†,
 # trial_seed -1, no ID-val: NaN); ensemble: the logit average of a group's trials.
@@ -132,16 +139,45 @@ _SOUP_EXTRAS = [
     Column("n_planned", pa.int64(), required=False),
 ]
 
+# ``raysoup diagnose`` (raysoup.diagnostics): one row per evaluated model. ``a`` is the
+# interpolation coefficient (landscape: the plane's x, ``b`` its y); ``angle`` rows hold the
+# pair's average (a = 0.5), the angle between the two deltas and the average's gain.
+_DIAGNOSTICS = [
+    Column("sweep", pa.string()),
+    Column("diagnostic", pa.string(), choices=DIAGNOSTIC_PARTS),
+    Column("dataset", pa.string()),
+    Column("test_env", pa.int64()),
+    Column("trial_seed", pa.int64()),
+    Column("init", pa.string(), choices=INITS),
+    Column("start", pa.string()),
+    Column("end", pa.string()),
+    Column("point", pa.int64(), required=False),
+    Column("a", pa.float64()),
+    Column("b", pa.float64(), required=False),
+    Column("label", pa.string(), required=False),
+    _acc("id_val_acc"),
+    Column("id_val_loss", pa.float64()),
+    _acc("test_acc", nan_ok=True),
+    Column("test_loss", pa.float64(), nan_ok=True),
+    Column("angle_deg", pa.float64(), required=False, nan_ok=True),
+    Column("gain_id_val", pa.float64(), required=False),
+    Column("gain_test", pa.float64(), required=False, nan_ok=True),
+    Column("part", pa.string()),
+    Column("signature", pa.string()),
+]
+
 COLUMNS: dict[str, list[Column]] = {
     "trials": _TRIALS + _FAILURE_EXTRAS + _env_columns(MIN_ENVS),
     "soup_steps": _SOUP_STEPS,
     "soups": _SOUPS + _SOUP_EXTRAS,
+    DIAGNOSTICS: _DIAGNOSTICS,
 }
 # The contract's own columns (for docs and tests); COLUMNS adds typed optional extras.
 CONTRACT_COLUMNS: dict[str, list[str]] = {
     "trials": [c.name for c in _TRIALS],
     "soup_steps": [c.name for c in _SOUP_STEPS if c not in _GROUP_EXTRAS],
     "soups": [c.name for c in _SOUPS],
+    DIAGNOSTICS: [c.name for c in _DIAGNOSTICS],
 }
 
 

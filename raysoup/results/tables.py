@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from raysoup.contract import ALL_SEEDS_METHODS, GROUP_COLUMNS, INITS, METHODS
+from raysoup.contract import ALL_SEEDS_METHODS, GROUP_COLUMNS, INITS, METHODS, TABLE_FORMATS
 
-FORMATS = ("text", "markdown", "csv", "latex")
+FORMATS = TABLE_FORMATS
 DONE_STATUSES = ("done", "completed", "ok", "success", "terminated")
 AVG = "Avg"
 MISSING = "X"
@@ -183,7 +183,8 @@ def _latex_escape(text: str) -> str:
 
 
 def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
-    """``table`` from ``paper_table`` as ``text``, ``markdown``, ``csv`` or ``latex``."""
+    """``table`` from ``paper_table`` as ``text``, ``markdown``, ``csv``, ``latex`` or
+    ``html`` (a ``<table>`` and its notes, escaped, for the report)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; choose one of {FORMATS}")
     envs = _envs(table)
@@ -208,6 +209,19 @@ def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
         ]
         return "\n".join(lines) + "\n"
     rows = _cells(table, " ± ")
+    if fmt == "html":
+        from html import escape
+
+        head = "".join(f"<th>{escape(h)}</th>" for h in header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows
+        )
+        notes = "".join(f"<li>{escape(note)}</li>" for note in legend(table))
+        return (
+            f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+            + (f'<ul class="notes">{notes}</ul>' if notes else "")
+            + "\n"
+        )
     if fmt == "markdown":
         align = ["---", "---"] + ["---:"] * len(envs)
         lines = ["| " + " | ".join(r) + " |" for r in [header, align, *rows]]

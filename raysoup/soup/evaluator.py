@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from raysoup.data.base import MultiDomainDataset
 from raysoup.data.loaders import eval_batches
@@ -61,6 +62,28 @@ class GroupData:
             count_correct(network, eval_batches(self.dataset, env_index, indices), device)
             for env_index, indices in parts
         )
+
+    @torch.no_grad()
+    def scores(
+        self, network: Network, parts: list[tuple[int, np.ndarray]], device: torch.device
+    ) -> tuple[float, float]:
+        """``(accuracy, mean cross-entropy)`` of ``parts`` in one pass: the accuracy counts
+        exactly as ``accuracy`` does (the same batches, the same argmax); the loss is summed
+        in float64. Both ``nan`` when ``parts`` hold no example."""
+        network.eval()
+        correct = total = 0
+        loss = 0.0
+        for env_index, indices in parts:
+            for x, y in eval_batches(self.dataset, env_index, indices):
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                logits = network(x)
+                correct += int((logits.argmax(dim=1) == y).sum())
+                total += int(y.numel())
+                loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+        if not total:
+            return float("nan"), float("nan")
+        return correct / total, loss / total
 
     @torch.no_grad()
     def logits(
@@ -105,6 +128,16 @@ class SoupEvaluator:
     def test_acc(self, state: Mapping[str, torch.Tensor]) -> float:
         self._load(state)
         return self.data.accuracy(self.network, self.data.test, self.device)
+
+    def scores(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """``id_val_acc``, ``id_val_loss``, ``test_acc``, ``test_loss`` of one model."""
+        self._load(state)
+        out = {}
+        for name, parts in (("id_val", self.data.id_val), ("test", self.data.test)):
+            out[f"{name}_acc"], out[f"{name}_loss"] = self.data.scores(
+                self.network, parts, self.device
+            )
+        return out
 
     def trial_logits(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"id_val": ..., "test": ...}``: the float32 logits of one model (exactly the
