@@ -23,7 +23,7 @@ from raysoup.errors import EXIT_BAD_INPUT, EXIT_HELD, EXIT_SWEEP
 from raysoup.io.layout import SweepLayout
 from raysoup.io.storage import find_checkpoints
 from raysoup.results import load_results
-from raysoup.results.schema import KINDS
+from raysoup.results.schema import SWEEP_KINDS
 
 pytestmark = pytest.mark.slow
 
@@ -207,7 +207,7 @@ def test_fault_truncated_trial_checkpoint_after_souping(reference) -> None:
 def test_fault_damaged_results_parts(reference) -> None:
     *_, config, runs = reference
     results = runs / "interrupt" / "results"
-    damaged = [sorted((results / kind).glob("part-*.parquet"))[0] for kind in KINDS]
+    damaged = [sorted((results / kind).glob("part-*.parquet"))[0] for kind in SWEEP_KINDS]
     for part in damaged:
         part.write_bytes(part.read_bytes()[:100])
 
@@ -216,7 +216,7 @@ def test_fault_damaged_results_parts(reference) -> None:
     assert "is damaged" in read.stderr and "run the sweep's command again" in read.stderr
 
     again = _run(config, runs)
-    assert again.stderr.count("set aside damaged") == len(KINDS)
+    assert again.stderr.count("set aside damaged") == len(SWEEP_KINDS)
     assert all(part.exists() for part in damaged)  # rewritten under the same names
     _same_as_reference(runs, reference)
 

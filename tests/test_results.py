@@ -101,14 +101,44 @@ def soup_row(**overrides: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- store
 
 
-def test_round_trip_of_all_three_kinds(tmp_path: Path) -> None:
+def diagnostic_row(**overrides: Any) -> dict[str, Any]:
+    row = {
+        "sweep": "s",
+        "diagnostic": "trial_to_trial",
+        "dataset": "PACS",
+        "test_env": 0,
+        "trial_seed": 0,
+        "init": "pretrained",
+        "start": "t00",
+        "end": "t01",
+        "point": 0,
+        "a": 0.0,
+        "id_val_acc": 0.8,
+        "id_val_loss": 0.5,
+        "test_acc": 0.7,
+        "test_loss": 0.9,
+        "part": "PACS-e0-s0-pretrained-trial-to-trial",
+        "signature": "0" * 64,
+    }
+    row.update(overrides)
+    return row
+
+
+def test_round_trip_of_every_kind(tmp_path: Path) -> None:
     root = tmp_path / "run" / "results"
     store = ResultsStore(root)
     rows = {
         "trials": [trial_row(), trial_row(trial_id="t01", init="pretrained", test_acc=math.nan)],
         "soup_steps": [step_row(), step_row(trial_id="t01", rank=1, accepted=False)],
         "soups": [soup_row(), soup_row(method="uniform")],
+        "diagnostics": [
+            diagnostic_row(),
+            diagnostic_row(
+                diagnostic="angle", a=0.5, angle_deg=41.5, gain_id_val=0.01, gain_test=math.nan
+            ),
+        ],
     }
+    assert set(rows) == set(KINDS)
     for kind, kind_rows in rows.items():
         written = store.append(kind, kind_rows, part_key="p0")
         assert written == str(root / kind / "part-p0.parquet")
@@ -340,8 +370,12 @@ def test_format_table_in_every_format() -> None:
     latex = format_table(table, "latex")
     assert "greedy & pretrained & 65.0 $\\pm$ 2.4 & 85.0 $\\pm$ 2.4 & 75.0 $\\pm$ 2.4 \\\\" in latex
     assert latex.startswith("\\begin{tabular}{llccc}")
-    with pytest.raises(ValueError, match=r"'html'.*text.*markdown.*csv.*latex"):
-        format_table(table, "html")
+    html = format_table(table, "html")
+    assert html.startswith('<table class="results"><thead><tr><th>method</th>')
+    assert "<td>greedy</td><td>pretrained</td><td>65.0 ± 2.4</td>" in html
+    assert html.count("<tr>") == 1 + len(table)
+    with pytest.raises(ValueError, match=r"'pdf'.*text.*markdown.*csv.*latex.*html"):
+        format_table(table, "pdf")
 
 
 def test_best_single_table_feeds_paper_table() -> None:

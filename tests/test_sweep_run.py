@@ -30,7 +30,7 @@ def local_ray(s3_endpoint, tmp_path_factory):
     yield from local_ray_with_cache(tmp_path_factory)
 
 
-def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> None:
+def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path, capfd) -> None:
     config = minirotated(
         steps=40,
         aux_steps=20,
@@ -98,8 +98,57 @@ def test_quickstart_end_to_end_then_resume_is_a_no_op(local_ray, tmp_path) -> No
     assert main(["results", str(root), "--format", "markdown", "--plot", str(tmp_path)]) == 0
     assert (tmp_path / "methods.png").stat().st_size > 0
     assert (tmp_path / "soup_progress.png").stat().st_size > 0
+    assert (tmp_path / "id_vs_ood.svg").stat().st_size > 0
+    _diagnose_and_report(root, tmp_path, capfd)
     with pytest.raises(OptionsError, match="different config"):
         run_sweep(minirotated(steps=41, aux_steps=20, lp_stage_steps=20), tmp_path)
+
+
+def _diagnose_and_report(root, tmp_path, capfd) -> None:
+    """``raysoup diagnose`` and ``raysoup report`` on the finished sweep (2 trials a group)."""
+    assert main(["diagnose", str(root), "--points", "3", "--landscape", "--grid", "3"]) == 0
+    results = load_results(root)
+    diag, trials, soups = results["diagnostics"], results["trials"], results["soups"]
+    trials = trials.set_index("trial_id")
+    assert set(diag.diagnostic) == {
+        "init_to_trial",
+        "trial_to_trial",
+        "soup_to_ingredient",
+        "angle",
+        "landscape",
+    }
+    pairs = diag[diag.diagnostic == "trial_to_trial"]
+    assert len(pairs) == 3 * 3  # one pair per group (2 trials each), 3 points
+    for row in pairs.itertuples():
+        if row.a in (0.0, 1.0):  # the ends are the trials themselves, exactly
+            trial = trials.loc[row.start if row.a == 0.0 else row.end]
+            assert (row.id_val_acc, row.test_acc) == (trial.id_val_acc, trial.test_acc)
+        else:  # the midpoint is the group's two-ingredient uniform soup, exactly
+            uniform = soups[(soups.method == "uniform") & (soups.init == row.init)].iloc[0]
+            assert trials.loc[row.start].id_val_acc >= trials.loc[row.end].id_val_acc
+            assert (row.id_val_acc, row.test_acc) == (uniform.id_val_acc, uniform.test_acc)
+    ends = diag[(diag.diagnostic == "init_to_trial") & (diag.a == 1.0)]
+    assert (
+        len(ends) == 6 and (ends.id_val_acc.values == trials.loc[ends.end].id_val_acc.values).all()
+    )
+    angles = diag[diag.diagnostic == "angle"]
+    assert len(angles) == 3 and angles.angle_deg.between(0, 180).all()
+    parts = sorted((root / "results" / "diagnostics").glob("part-*.parquet"))
+    assert len(parts) == 3 * 5
+    mtimes = [p.stat().st_mtime_ns for p in parts]
+    capfd.readouterr()
+    assert main(["diagnose", str(root), "--points", "3", "--landscape", "--grid", "3"]) == 0
+    assert capfd.readouterr().err.count("up to date") == 15  # nothing recomputed
+    assert [p.stat().st_mtime_ns for p in parts] == mtimes
+    assert len(load_results(root)["diagnostics"]) == len(diag)
+    out = tmp_path / "report.html"
+    assert main(["report", str(root), "-o", str(out)]) == 0
+    page = out.read_text()
+    # every figure is an inline PNG; methods, diagnostics summary and trials are tables
+    images = page.count('src="data:image/png;base64,')
+    assert images == 3 + 1 + 2 * 3  # methods, id_vs_ood, progress; angles; per group: 2
+    assert page.count("<table") == 3 and "http" not in page.replace("http://www.w3.org", "")
+    assert main(["diagnose", str(root), "--group", "nope"]) == 2
 
 
 def _files(location: storage.Location) -> dict[str, object]:

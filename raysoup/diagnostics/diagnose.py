@@ -63,14 +63,22 @@ Scores = dict[str, float]
 class DiagnoseOptions:
     """What ``raysoup diagnose`` computes (every field is a ``--flag``)."""
 
-    group: list[str] = option([], help="group slugs to diagnose, e.g. NuisanceMNIST-e2-s0-fusing "
-                              "(default: every group with a finished trial)")
-    points: int = option(11, help="points per interpolation segment, ends included "
-                         "(101: as Seq-to-Final draws)")
-    pair_trials: int = option(4, help="the K best trials of a group whose pairs are "
-                              "interpolated and whose angles are measured")
-    landscape: bool = option(False, help="also the accuracy plane through theta_0 and the "
-                             "two best trials")
+    group: list[str] = option(
+        [],
+        help="group slugs to diagnose, e.g. NuisanceMNIST-e2-s0-fusing "
+        "(default: every group with a finished trial)",
+    )
+    points: int = option(
+        11, help="points per interpolation segment, ends included (101: as Seq-to-Final draws)"
+    )
+    pair_trials: int = option(
+        4,
+        help="the K best trials of a group whose pairs are "
+        "interpolated and whose angles are measured",
+    )
+    landscape: bool = option(
+        False, help="also the accuracy plane through theta_0 and the two best trials"
+    )
     grid: int = option(7, help="landscape points per axis")
     device: str = option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
 
@@ -187,8 +195,9 @@ class GroupDiagnosis:
     def _score_at(self, start: tuple[str, State], end: tuple[str, State], a: float) -> Scores:
         """The scores of the point ``a`` between two named models (names are unique in a
         group: trial ids, ``init:<trial>``, ``soup:<method>``), each model scored once."""
-        key: tuple[Any, ...] = (start[0],) if a == 0.0 else (end[0],) if a == 1.0 else (
-            start[0], end[0], a)
+        key: tuple[Any, ...] = (
+            (start[0],) if a == 0.0 else (end[0],) if a == 1.0 else (start[0], end[0], a)
+        )
         if key not in self._memo:
             self._memo[key] = self._score(geometry.interpolate(start[1], end[1], a))
         return self._memo[key]
@@ -206,14 +215,19 @@ class GroupDiagnosis:
             "end": end,
         }
 
-    def _segment(self, diagnostic: str, start: tuple[str, State], end: tuple[str, State]
-                 ) -> Iterator[dict[str, Any]]:
+    def _segment(
+        self, diagnostic: str, start: tuple[str, State], end: tuple[str, State]
+    ) -> Iterator[dict[str, Any]]:
         (start_name, first), (end_name, last) = start, end
         start = (start_name, {k: v.to(self.device) for k, v in first.items()})
         end = (end_name, {k: v.to(self.device) for k, v in last.items()})
         for point, a in enumerate(self.options.coefficients()):
-            yield {**self._base_row(diagnostic, start_name, end_name), "point": point,
-                   "a": a, **self._score_at(start, end, a)}
+            yield {
+                **self._base_row(diagnostic, start_name, end_name),
+                "point": point,
+                "a": a,
+                **self._score_at(start, end, a),
+            }
 
     def _best(self) -> list[TrialInput]:
         return self.inputs.trials[: self.options.pair_trials]
@@ -263,12 +277,16 @@ class GroupDiagnosis:
             )
             ends = (self._score_at(first, second, 0.0), self._score_at(first, second, 1.0))
             middle = self._score_at(first, second, 0.5)
-            row = {**self._base_row("angle", left.offer.trial_id, right.offer.trial_id),
-                   "a": 0.5, **middle, "angle_deg": angle}
+            row = {
+                **self._base_row("angle", left.offer.trial_id, right.offer.trial_id),
+                "a": 0.5,
+                **middle,
+                "angle_deg": angle,
+            }
             for split, column in (("id_val", "gain_id_val"), ("test", "gain_test")):
-                row[column] = middle[f"{split}_acc"] - (
-                    ends[0][f"{split}_acc"] + ends[1][f"{split}_acc"]
-                ) / 2
+                row[column] = (
+                    middle[f"{split}_acc"] - (ends[0][f"{split}_acc"] + ends[1][f"{split}_acc"]) / 2
+                )
             yield row
 
     def _landscape(self) -> Iterator[dict[str, Any]]:
@@ -285,18 +303,28 @@ class GroupDiagnosis:
         xs, ys = geometry.plane_grid(plane, self.options.grid)
         start = f"init:{best[0].offer.trial_id}"
         end = f"{best[0].offer.trial_id}|{best[1].offer.trial_id}"
-        marks = {"theta_0": plane.points[0], "theta_1": plane.points[1],
-                 "theta_2": plane.points[2]}
+        marks = {"theta_0": plane.points[0], "theta_1": plane.points[1], "theta_2": plane.points[2]}
         point = 0
         for y in ys:
             for x in xs:
                 scores = self._score(plane.at(origin, x, y))
-                yield {**self._base_row("landscape", start, end), "point": point, "a": x,
-                       "b": y, **scores}
+                yield {
+                    **self._base_row("landscape", start, end),
+                    "point": point,
+                    "a": x,
+                    "b": y,
+                    **scores,
+                }
                 point += 1
         for point_name, (x, y) in marks.items():  # the three models, to mark on the plot
-            yield {**self._base_row("landscape", start, end), "point": -1, "a": x, "b": y,
-                   "label": point_name, **self._score(plane.at(origin, x, y))}
+            yield {
+                **self._base_row("landscape", start, end),
+                "point": -1,
+                "a": x,
+                "b": y,
+                "label": point_name,
+                **self._score(plane.at(origin, x, y)),
+            }
 
     def parts(self) -> list[str]:
         names = ["init_to_trial", "trial_to_trial", "soup_to_ingredient", "angle"]
@@ -373,21 +401,31 @@ def sweep_groups(root: Location, soups: pd.DataFrame) -> list[GroupInputs]:
         group_soups = []
         if not soups.empty:
             mine = soups[
-                (soups.dataset == key.dataset) & (soups.test_env == key.test_env)
-                & (soups.trial_seed == key.trial_seed) & (soups.init == key.init)
-                & soups.method.isin(["uniform", "greedy"]) & soups.checkpoint.notna()
+                (soups.dataset == key.dataset)
+                & (soups.test_env == key.test_env)
+                & (soups.trial_seed == key.trial_seed)
+                & (soups.init == key.init)
+                & soups.method.isin(["uniform", "greedy"])
+                & soups.checkpoint.notna()
             ]
             for row in mine.sort_values("method").itertuples():
                 if storage.is_checkpoint(row.checkpoint):
                     meta = storage.read_meta(row.checkpoint)
-                    group_soups.append(SoupInput(row.method, row.checkpoint, meta.content_hash,
-                                                 tuple(row.ingredients)))
+                    group_soups.append(
+                        SoupInput(
+                            row.method, row.checkpoint, meta.content_hash, tuple(row.ingredients)
+                        )
+                    )
         data_key = DataKey(key.dataset, key.test_env, key.trial_seed)
-        groups.append(GroupInputs(
-            key, ranked, group_soups,
-            data=lambda k=data_key: GroupData(k, config.data_dir, config.holdout_fraction),
-            sweep=config.name,
-        ))
+        groups.append(
+            GroupInputs(
+                key,
+                ranked,
+                group_soups,
+                data=lambda k=data_key: GroupData(k, config.data_dir, config.holdout_fraction),
+                sweep=config.name,
+            )
+        )
     return groups
 
 
@@ -403,6 +441,9 @@ def diagnose(
     options = options or DiagnoseOptions()
     options.validate()
     root = storage.resolve(root)
+    store = ResultsStore(SweepLayout(root).results)
+    for moved in store.set_aside_damaged([DIAGNOSTICS]):  # diagnose's own parts: recomputed
+        log(f"diagnose: set aside damaged {moved}")
     results = load_results(root)
     groups = sweep_groups(root, results["soups"])
     if not groups:
@@ -414,12 +455,14 @@ def diagnose(
             f"group {unknown}: not a group of this sweep with a finished trial; "
             f"expected one of {sorted(known)}"
         )
-    store = ResultsStore(SweepLayout(root).results)
     existing = results.get(DIAGNOSTICS, pd.DataFrame())
     done: dict[str, str] = {}
     if not existing.empty and {"part", "signature"} <= set(existing):
-        done = dict(existing.drop_duplicates("part")[["part", "signature"]].itertuples(
-            index=False, name=None))
+        done = dict(
+            existing.drop_duplicates("part")[["part", "signature"]].itertuples(
+                index=False, name=None
+            )
+        )
 
     def write(name: str, rows: list[dict[str, Any]]) -> None:
         store.append(DIAGNOSTICS, rows, part_key=name)
@@ -429,4 +472,3 @@ def diagnose(
             continue
         diagnose_group(inputs, options, write, done, log)
     return store.read(DIAGNOSTICS)
-

@@ -34,8 +34,10 @@ def _check_keys(a: State, b: State) -> None:
     if a.keys() != b.keys():
         missing = sorted(set(a) - set(b))[:5]
         extra = sorted(set(b) - set(a))[:5]
-        raise ValueError(f"models differ in their tensors: only in the first {missing}, "
-                         f"only in the second {extra}")
+        raise ValueError(
+            f"models differ in their tensors: only in the first {missing}, "
+            f"only in the second {extra}"
+        )
     for key, t in a.items():
         if t.shape != b[key].shape:
             raise ValueError(
@@ -96,8 +98,9 @@ def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
     """The inner product of two deltas (float64, summed tensor by tensor in key order)."""
     if a.keys() != b.keys():
         raise ValueError("deltas differ in their tensors")
-    return math.fsum(float(torch.dot(a[k].reshape(-1).double(), b[k].reshape(-1).double()))
-                     for k in a)
+    return math.fsum(
+        float(torch.dot(a[k].reshape(-1).double(), b[k].reshape(-1).double())) for k in a
+    )
 
 
 def norm(a: Mapping[str, Tensor]) -> float:

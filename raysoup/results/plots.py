@@ -109,12 +109,23 @@ def figure_soup_progress(soup_steps: pd.DataFrame) -> Figure:
         colour = line.get_color()
         accepted = group["accepted"].astype(bool)
         axes.plot(group["rank"], group["candidate_id_val_acc"], ":", lw=0.8, color=colour)
-        axes.scatter(group.loc[accepted, "rank"], group.loc[accepted, "soup_id_val_acc"],
-                     marker="o", color=colour, zorder=3)
-        axes.scatter(group.loc[~accepted, "rank"], group.loc[~accepted, "soup_id_val_acc"],
-                     marker="x", s=50, color=colour, zorder=3)
+        axes.scatter(
+            group.loc[accepted, "rank"],
+            group.loc[accepted, "soup_id_val_acc"],
+            marker="o",
+            color=colour,
+            zorder=3,
+        )
+        axes.scatter(
+            group.loc[~accepted, "rank"],
+            group.loc[~accepted, "soup_id_val_acc"],
+            marker="x",
+            s=50,
+            color=colour,
+            zorder=3,
+        )
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("candidate rank by ID-val accuracy (1 = best)")
+    axes.set_xlabel("candidate rank by ID-val accuracy (0 = best, the ERM pick)")
     axes.set_ylabel("soup ID-val accuracy")
     axes.set_title("Greedy soup progress")
     marks = [
@@ -124,9 +135,14 @@ def figure_soup_progress(soup_steps: pd.DataFrame) -> Figure:
     ]
     shown = handles if len(handles) <= MAX_LEGEND else []
     # Outside the axes, on the right: long group names never hide the lines.
-    axes.legend(handles=[*marks, *shown], fontsize="small", loc="upper left",
-                bbox_to_anchor=(1.01, 1.0), title=" ".join(keys) if shown else None,
-                title_fontsize="small")
+    axes.legend(
+        handles=[*marks, *shown],
+        fontsize="small",
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title=" ".join(keys) if shown else None,
+        title_fontsize="small",
+    )
     return figure
 
 
@@ -168,32 +184,58 @@ def figure_id_vs_ood(trials: pd.DataFrame, soups: pd.DataFrame) -> Figure:
     init) with the erm, uniform and greedy soups of each group marked."""
     done = trials
     if not done.empty:
-        done = done[(done["stage"] == "target") & done["id_val_acc"].notna()
-                    & done["test_acc"].notna()]
+        done = done[
+            (done["stage"] == "target") & done["id_val_acc"].notna() & done["test_acc"].notna()
+        ]
     if done.empty:
         return empty_figure("no finished target trial yet")
     figure = Figure(figsize=(7.5, 5.5))
     axes = figure.add_subplot()
     for init in _order(done["init"].dropna().tolist(), INITS):
         mine = done[done["init"] == init]
-        axes.scatter(100 * mine["id_val_acc"], 100 * mine["test_acc"], s=18, alpha=0.6,
-                     color=_colour(init), label=f"{init}: trials")
+        axes.scatter(
+            100 * mine["id_val_acc"],
+            100 * mine["test_acc"],
+            s=18,
+            alpha=0.6,
+            color=_colour(init),
+            label=f"{init}: trials",
+        )
     if not soups.empty:
         for method, marker in SOUP_MARKERS.items():
             rows = soups[(soups["method"] == method) & soups["id_val_acc"].notna()]
             for init in _order(rows["init"].dropna().tolist(), INITS):
                 mine = rows[rows["init"] == init]
-                axes.scatter(100 * mine["id_val_acc"], 100 * mine["test_acc"], marker=marker,
-                             s=110 if marker == "*" else 60, color=_colour(init),
-                             edgecolors="black", linewidths=0.8, zorder=3)
+                axes.scatter(
+                    100 * mine["id_val_acc"],
+                    100 * mine["test_acc"],
+                    marker=marker,
+                    s=110 if marker == "*" else 60,
+                    color=_colour(init),
+                    edgecolors="black",
+                    linewidths=0.8,
+                    zorder=3,
+                )
     init_handles = axes.get_legend_handles_labels()[0]
     method_handles = [
-        Line2D([], [], marker=marker, ls="", color="white", markeredgecolor="black",
-               markersize=9 if marker == "*" else 7, label=method)
+        Line2D(
+            [],
+            [],
+            marker=marker,
+            ls="",
+            color="white",
+            markeredgecolor="black",
+            markersize=9 if marker == "*" else 7,
+            label=method,
+        )
         for method, marker in SOUP_MARKERS.items()
     ]
-    axes.legend(handles=[*init_handles, *method_handles], fontsize="small", loc="upper left",
-                bbox_to_anchor=(1.01, 1.0))
+    axes.legend(
+        handles=[*init_handles, *method_handles],
+        fontsize="small",
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
     axes.set_xlabel("ID-val accuracy (%)")
     axes.set_ylabel("test (OOD) accuracy (%)")
     axes.set_title("Every trial and soup: ID-val vs OOD test")
@@ -232,23 +274,33 @@ def figure_interpolation(diagnostics: pd.DataFrame, group: str) -> Figure:
     for i, kind in enumerate(kinds):
         axes = figure.add_subplot(1, len(kinds), i + 1)
         curves = rows[rows["diagnostic"] == kind]
-        for n, ((start, end), curve) in enumerate(curves.groupby(["start", "end"], sort=True)):
+        for n, (_, curve) in enumerate(curves.groupby(["start", "end"], sort=True)):
             curve = curve.sort_values("a")
             colour = f"C{n % 10}"
             axes.plot(curve["a"], 100 * curve["id_val_acc"], "-", color=colour, lw=1.2)
             axes.plot(curve["a"], 100 * curve["test_acc"], "--", color=colour, lw=1.2)
-        start_name = {"init_to_trial": "θ0", "trial_to_trial": "better",
-                      "soup_to_ingredient": "soup"}[kind]
-        end_name = {"init_to_trial": "trial", "trial_to_trial": "worse",
-                    "soup_to_ingredient": "ingredient"}[kind]
+        start_name = {
+            "init_to_trial": "θ0",
+            "trial_to_trial": "better",
+            "soup_to_ingredient": "soup",
+        }[kind]
+        end_name = {
+            "init_to_trial": "trial",
+            "trial_to_trial": "worse",
+            "soup_to_ingredient": "ingredient",
+        }[kind]
         axes.set_xlabel(f"a: (1 − a)·{start_name} + a·{end_name}")
         axes.set_ylabel("accuracy (%)")
         axes.set_title(CURVE_TITLES[kind], fontsize="medium")
         axes.grid(alpha=0.3)
         if i == 0:
-            axes.legend(handles=[Line2D([], [], ls="-", color="black", label="ID-val"),
-                                 Line2D([], [], ls="--", color="black", label="test")],
-                        fontsize="small")
+            axes.legend(
+                handles=[
+                    Line2D([], [], ls="-", color="black", label="ID-val"),
+                    Line2D([], [], ls="--", color="black", label="test"),
+                ],
+                fontsize="small",
+            )
     figure.suptitle(group)
     return figure
 
@@ -256,17 +308,25 @@ def figure_interpolation(diagnostics: pd.DataFrame, group: str) -> Figure:
 def figure_angle_gain(diagnostics: pd.DataFrame) -> Figure:
     """Angle between two trials' fine-tuned deltas against the gain of their average over
     the mean of the two (test: filled, ID-val: hollow), per init (model soups' Figure 3)."""
-    rows = diagnostics[diagnostics["diagnostic"] == "angle"] if not diagnostics.empty else diagnostics
+    rows = (
+        diagnostics[diagnostics["diagnostic"] == "angle"] if not diagnostics.empty else diagnostics
+    )
     if rows.empty:
         return empty_figure("no angle diagnostics (raysoup diagnose)")
     figure = Figure(figsize=(7.5, 5))
     axes = figure.add_subplot()
     for init in _order(rows["init"].dropna().tolist(), INITS):
         mine = rows[rows["init"] == init]
-        axes.scatter(mine["angle_deg"], 100 * mine["gain_test"], color=_colour(init),
-                     label=f"{init}: test")
-        axes.scatter(mine["angle_deg"], 100 * mine["gain_id_val"], facecolors="none",
-                     edgecolors=_colour(init), label=f"{init}: ID-val")
+        axes.scatter(
+            mine["angle_deg"], 100 * mine["gain_test"], color=_colour(init), label=f"{init}: test"
+        )
+        axes.scatter(
+            mine["angle_deg"],
+            100 * mine["gain_id_val"],
+            facecolors="none",
+            edgecolors=_colour(init),
+            label=f"{init}: ID-val",
+        )
     axes.axhline(0.0, color="black", lw=0.8)
     axes.set_xlabel("angle between θi − θ0 and θj − θ0 (degrees)")
     axes.set_ylabel("accuracy gain of the pair's average (points)")
@@ -289,13 +349,19 @@ def figure_landscape(diagnostics: pd.DataFrame, group: str) -> Figure:
     for i, (column, title) in enumerate((("id_val_acc", "ID-val"), ("test_acc", "test"))):
         axes = figure.add_subplot(1, 2, i + 1)
         table = grid.pivot_table(index="b", columns="a", values=column)
-        contour = axes.contourf(table.columns, table.index, 100 * table.to_numpy(), levels=12,
-                                cmap="viridis")
+        contour = axes.contourf(
+            table.columns, table.index, 100 * table.to_numpy(), levels=12, cmap="viridis"
+        )
         figure.colorbar(contour, ax=axes, label=f"{title} accuracy (%)")
         for mark in marks.itertuples():
             axes.scatter([mark.a], [mark.b], color="white", edgecolors="black", zorder=3)
-            axes.annotate(str(mark.label).replace("theta_", "θ"), (mark.a, mark.b),
-                          textcoords="offset points", xytext=(5, 5), color="white")
+            axes.annotate(
+                str(mark.label).replace("theta_", "θ"),
+                (mark.a, mark.b),
+                textcoords="offset points",
+                xytext=(5, 5),
+                color="white",
+            )
         axes.set_xlabel("along θ1 − θ0 (units of |θ1 − θ0|)")
         axes.set_ylabel("orthogonal direction")
         axes.set_title(title)
@@ -316,8 +382,9 @@ def plot_method_bars(table: pd.DataFrame, out_png: str | os.PathLike[str]) -> No
     save_figure(figure_method_bars(table), out_png)
 
 
-def results_figures(results: dict[str, pd.DataFrame], dataset: str | None = None
-                    ) -> dict[str, Figure]:
+def results_figures(
+    results: dict[str, pd.DataFrame], dataset: str | None = None
+) -> dict[str, Figure]:
     """Every figure of a sweep's results, by file stem (``results --plot``, the report)."""
     from raysoup.results.tables import best_single_table, paper_table
 

@@ -63,8 +63,21 @@ def _trials_table(trials: pd.DataFrame) -> pd.DataFrame:
     if trials.empty:
         return trials
     target = trials[trials["stage"] == "target"].copy()
-    columns = [c for c in ("trial_id", "init", "test_env", "trial_seed", "hparams_seed", "lr",
-                           "status", "id_val_acc", "test_acc") if c in target]
+    columns = [
+        c
+        for c in (
+            "trial_id",
+            "init",
+            "test_env",
+            "trial_seed",
+            "hparams_seed",
+            "lr",
+            "status",
+            "id_val_acc",
+            "test_acc",
+        )
+        if c in target
+    ]
     return target.sort_values(["init", "id_val_acc"], ascending=[True, False])[columns]
 
 
@@ -84,16 +97,22 @@ def _diagnostics_summary(diagnostics: pd.DataFrame) -> pd.DataFrame:
                 max(curve["test_acc"].iloc[[0, -1]]) - curve["test_acc"].min()
                 for _, curve in pairs.sort_values("a").groupby(["start", "end"])
             )
-        rows.append({
-            "group": f"{key[0]}-e{key[1]}-s{key[2]}-{key[3]}",
-            "pairs": len(angles),
-            "mean angle (deg)": float(angles["angle_deg"].mean()) if len(angles) else float("nan"),
-            "mean gain test (pts)": 100 * float(angles["gain_test"].mean())
-            if len(angles) else float("nan"),
-            "mean gain ID-val (pts)": 100 * float(angles["gain_id_val"].mean())
-            if len(angles) else float("nan"),
-            "max test barrier (pts)": 100 * barrier,
-        })
+        rows.append(
+            {
+                "group": f"{key[0]}-e{key[1]}-s{key[2]}-{key[3]}",
+                "pairs": len(angles),
+                "mean angle (deg)": float(angles["angle_deg"].mean())
+                if len(angles)
+                else float("nan"),
+                "mean gain test (pts)": 100 * float(angles["gain_test"].mean())
+                if len(angles)
+                else float("nan"),
+                "mean gain ID-val (pts)": 100 * float(angles["gain_id_val"].mean())
+                if len(angles)
+                else float("nan"),
+                "max test barrier (pts)": 100 * barrier,
+            }
+        )
     return pd.DataFrame(rows)
 
 

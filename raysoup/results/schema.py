@@ -35,7 +35,8 @@ from raysoup.contract import (
     STAGES,
 )
 
-KINDS = ("trials", "soup_steps", "soups", DIAGNOSTICS)
+SWEEP_KINDS = ("trials", "soup_steps", "soups")  # what a sweep writes
+KINDS = (*SWEEP_KINDS, DIAGNOSTICS)  # DIAGNOSTICS: written by ``raysoup diagnose``
 # METHODS: erm: best single trial by ID-val; uniform / greedy: soups of a group's trials;
 # uniform_all: one uniform soup of every trial seed's trials (DiWA's uniform†,
 # trial_seed -1, no ID-val: NaN); ensemble: the logit average of a group's trials.

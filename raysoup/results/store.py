@@ -25,6 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raysoup.contract import DIAGNOSTICS
 from raysoup.errors import BadInputError
 from raysoup.io import storage
 from raysoup.io.layout import RESULTS, SweepLayout
@@ -43,6 +44,9 @@ class DamagedResultsError(BadInputError):
 REPAIR = (
     "run the sweep's command again (same config and --storage): it sets damaged parts "
     "aside and rewrites their rows from the checkpoints and the soup state"
+)
+REPAIR_DIAGNOSTICS = (
+    "run `raysoup diagnose` again: it sets damaged diagnostics parts aside and computes them anew"
 )
 
 
@@ -139,11 +143,11 @@ class ResultsStore:
             return str(error).splitlines()[0]
         return None
 
-    def set_aside_damaged(self) -> list[str]:
-        """Move every unreadable part file to a hidden ``.damaged-*`` sibling (kept for a
-        post-mortem, skipped by readers); returns what was moved and why."""
+    def set_aside_damaged(self, kinds: Sequence[str] = KINDS) -> list[str]:
+        """Move every unreadable part file of ``kinds`` to a hidden ``.damaged-*`` sibling
+        (kept for a post-mortem, skipped by readers); returns what was moved and why."""
         moved = []
-        for kind in KINDS:
+        for kind in kinds:
             for path in self.part_files(kind):
                 why = self.damage(path)
                 if why is None:
@@ -171,7 +175,7 @@ class ResultsStore:
             raise DamagedResultsError(
                 f"{self._display(path)} is damaged ({why})"
                 f"{f' with {len(damaged) - 1} other part(s)' if len(damaged) > 1 else ''}: "
-                f"{REPAIR}"
+                f"{REPAIR_DIAGNOSTICS if kind == DIAGNOSTICS else REPAIR}"
             ) from error
 
     def _read_files_unchecked(self, kind: str, files: list[str]) -> pa.Table:
