@@ -21,6 +21,7 @@ SCRIPTS = (
     "trainer_throughput",
     "sweep_overhead",
     "soup_regimes",
+    "diagnose_memory",
 )
 
 
@@ -120,6 +121,20 @@ def test_soup_memory_modes_agree_and_main_writes_rows(tmp_path) -> None:
     assert bench.main([*args, "--out", str(out)]) == 0
     row = pd.read_parquet(out).iloc[0]
     assert row["mode"] == "posthoc-all" and row["n"] == 2 and row["peak_mb"] > 0
+
+
+def test_diagnose_memory_counts_every_part_and_main_writes_rows(tmp_path) -> None:
+    bench = _load("diagnose_memory")
+    candidates = bench.make_candidates(tmp_path / "c", 3, arch="cnn")
+    soup = bench.make_soup(candidates, tmp_path / "soup")
+    options = {"device": "cpu", "points": 3, "pair_trials": 2, "landscape": True, "grid": 2}
+    row = bench.diagnose_peak(candidates, soup, options, "cnn")
+    # init->trial 3x3, one pair 3, soup->ingredient 3x3, one angle, a 2x2 plane + 3 marks
+    assert row["rows"] == 9 + 3 + 9 + 1 + 4 + 3 and row["peak_mb"] > 0
+    out = tmp_path / "diagnose.parquet"
+    args = ["--n", "2", "--arch", "cnn", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    assert bench.main(args) == 0
+    assert pd.read_parquet(out).iloc[0]["n"] == 2
 
 
 def test_orchestration_overhead_row() -> None:

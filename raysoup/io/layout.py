@@ -34,7 +34,7 @@ ENTRIES: tuple[tuple[str, str], ...] = (
     (LEASE, "the driver holding the sweep, while one does"),
     (LEASE_LOCK, "local paths: the lock of a lease take-over"),
     (SOUP_STATE, "the soup actor's state"),
-    (f"{RESULTS}/", "the Parquet datasets trials/, soup_steps/, soups/"),
+    (f"{RESULTS}/", "the Parquet datasets trials/, soup_steps/, soups/, diagnostics/"),
 )
 
 
