@@ -468,3 +468,75 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot_method_bars(paper_table(example_soups()), tmp_path / "bars.png")
     assert (tmp_path / "bars.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- figures and the report
+
+
+def _diagnosed_results(root: Path) -> None:
+    """A results folder with trials, soups, greedy steps and every kind of diagnostic."""
+    store = ResultsStore(root / "results")
+    store.append("trials", [trial_row(), trial_row(trial_id="t01", id_val_acc=0.7)], "t")
+    store.append("soups", [soup_row(), soup_row(method="uniform"), soup_row(method="erm")], "s")
+    store.append("soup_steps", [step_row(), step_row(trial_id="t01", rank=1, accepted=False)], "g")
+    init = {"init": "fusing"}
+    rows = [
+        diagnostic_row(**init, diagnostic=kind, start=start, end="t01", point=i, a=i / 2)
+        for kind, start in (("init_to_trial", "init:t01"), ("trial_to_trial", "t00"))
+        for i in range(3)
+    ]
+    rows.append(
+        diagnostic_row(
+            **init, diagnostic="angle", a=0.5, angle_deg=30.0, gain_id_val=0.01, gain_test=0.02
+        )
+    )
+    rows += [
+        diagnostic_row(**init, diagnostic="landscape", point=j * 2 + i, a=float(i), b=float(j))
+        for i in range(2)
+        for j in range(2)
+    ]
+    rows.append(
+        diagnostic_row(**init, diagnostic="landscape", point=-1, a=1.0, b=0.0, label="theta_1")
+    )
+    store.append("diagnostics", rows, "d")
+
+
+def test_every_figure_is_drawn_and_saved_as_png_and_svg(tmp_path: Path) -> None:
+    from raysoup.results.plots import results_figures, save_figure
+
+    _diagnosed_results(tmp_path / "run")
+    figures = results_figures(load_results(tmp_path / "run"))
+    group = "PACS-e0-s0-fusing"
+    assert set(figures) == {
+        "methods",
+        "id_vs_ood",
+        "soup_progress",
+        "angle_gain",
+        f"interpolation-{group}",
+        f"landscape-{group}",
+    }
+    for stem, figure in figures.items():
+        png, svg = save_figure(figure, tmp_path / "plots" / f"{stem}.png")
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in Path(svg).read_bytes()[:500]
+    progress = figures["soup_progress"].axes[0]
+    assert all(float(t).is_integer() for t in progress.get_xticks())  # integer ranks
+    labels = [t.get_text() for t in progress.get_legend().get_texts()]
+    assert {"accepted", "rejected"} <= set(labels)
+
+
+def test_report_is_one_self_contained_page(tmp_path: Path) -> None:
+    from raysoup.results.report import report_html, write_report
+
+    run = tmp_path / "run"
+    ResultsStore(run / "results").append("trials", [trial_row()], "t")
+    early = report_html(run)  # mid-sweep: no soups, no diagnostics yet
+    assert early.count("data:image/png;base64,") == 3 and "none yet" in early
+    _diagnosed_results(run)
+    out = write_report(run, tmp_path / "report.html")
+    page = Path(out).read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count("<img ") == page.count("data:image/png;base64,") == 6
+    assert page.count("<table") == 3  # methods, diagnostics summary, trials
+    assert "<script" not in page and 'src="http' not in page and "href=" not in page
+    assert "PACS-e0-s0-fusing" in page
