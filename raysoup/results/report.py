@@ -81,9 +81,16 @@ def _trials_table(trials: pd.DataFrame) -> pd.DataFrame:
     return target.sort_values(["init", "id_val_acc"], ascending=[True, False])[columns]
 
 
+def _chord(curve: pd.DataFrame) -> pd.Series:
+    """The straight line between a curve's two ends' test accuracies, at each ``a``."""
+    first, last = curve["test_acc"].iloc[0], curve["test_acc"].iloc[-1]
+    return (1 - curve["a"]) * first + curve["a"] * last
+
+
 def _diagnostics_summary(diagnostics: pd.DataFrame) -> pd.DataFrame:
     """Per group: the mean angle between deltas and the mean gain of pair averages, and the
-    lowest test accuracy met between two trials against the better end's."""
+    largest test-accuracy barrier between two trials: how far a curve falls below the
+    straight line between its ends (0 when it never does)."""
     if diagnostics.empty:
         return diagnostics
     rows = []
@@ -92,10 +99,10 @@ def _diagnostics_summary(diagnostics: pd.DataFrame) -> pd.DataFrame:
         angles = group[group["diagnostic"] == "angle"]
         pairs = group[group["diagnostic"] == "trial_to_trial"]
         barrier = float("nan")
-        if not pairs.empty:
+        if not pairs.empty:  # Frankle et al.'s barrier: the dip below the ends' chord
             barrier = max(
-                max(curve["test_acc"].iloc[[0, -1]]) - curve["test_acc"].min()
-                for _, curve in pairs.sort_values("a").groupby(["start", "end"])
+                float((_chord(c) - c["test_acc"]).max())
+                for _, c in pairs.sort_values("a").groupby(["start", "end"])
             )
         rows.append(
             {
