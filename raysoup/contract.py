@@ -16,6 +16,15 @@ ALL_SEEDS_METHODS = ("uniform_all",)  # rows over every trial seed: trial_seed =
 ACCEPT = ("ge", "gt")
 # Trials of one (dataset, test env, trial seed, init) are souped together.
 GROUP_COLUMNS = ("dataset", "test_env", "trial_seed", "init")
+ALL_SEEDS = -1  # the trial_seed of rows over every trial seed (uniform_all)
+
+
+def group_slug(dataset: str, test_env: int, trial_seed: int, init: str) -> str:
+    """A soup group's name in folders, part keys and figures: ``PACS-e0-s1-fusing``."""
+    seed = "all" if trial_seed == ALL_SEEDS else trial_seed
+    return f"{dataset}-e{test_env}-s{seed}-{init}"
+
+
 HPARAM_COLUMNS = ("lr", "weight_decay", "batch_size", "resnet_dropout", "steps")
 # The fourth Parquet dataset (``raysoup diagnose``) and what each of its rows measures.
 DIAGNOSTICS = "diagnostics"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from soup_memory import DATASET, make_candidates
+from soup_memory import DATASET, _gpu_peak_mb, make_candidates
 
 
 def make_soup(candidates: list[Path], out: Path) -> Path:
@@ -105,9 +105,7 @@ def diagnose_peak(
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rows": len(rows),
         "wall_s": time.time() - started,
-        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20
-        if torch.device(options["device"]).type == "cuda"
-        else None,
+        "gpu_peak_mb": _gpu_peak_mb(options["device"]),
     }
 
 

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from raysoup.contract import group_slug
 from raysoup.io import storage
 from raysoup.results.schema import ALL_SEEDS_METHODS, INITS
 from raysoup.results.tables import AVG, GROUP, _order
@@ -243,24 +244,19 @@ def figure_id_vs_ood(trials: pd.DataFrame, soups: pd.DataFrame) -> Figure:
     return figure
 
 
-def _slug(row: pd.Series | tuple) -> str:
-    dataset, test_env, trial_seed, init = row
-    return f"{dataset}-e{test_env}-s{trial_seed}-{init}"
-
-
 def diagnostic_groups(diagnostics: pd.DataFrame) -> list[str]:
     """The group slugs that have diagnostics, sorted."""
     if diagnostics.empty:
         return []
     keys = diagnostics[GROUP].drop_duplicates().itertuples(index=False, name=None)
-    return sorted(_slug(k) for k in keys)
+    return sorted(group_slug(*k) for k in keys)
 
 
 def _of_group(diagnostics: pd.DataFrame, group: str) -> pd.DataFrame:
     if diagnostics.empty:
         return diagnostics
-    slugs = diagnostics[GROUP].apply(lambda r: _slug(tuple(r)), axis=1)
-    return diagnostics[slugs == group]
+    keys = diagnostics[GROUP].itertuples(index=False, name=None)
+    return diagnostics[[group_slug(*key) == group for key in keys]]
 
 
 def figure_interpolation(diagnostics: pd.DataFrame, group: str) -> Figure:

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 
 from raysoup.contract import (
+    ALL_SEEDS,
     ALL_SEEDS_METHODS,
     DIAGNOSTIC_PARTS,
     DIAGNOSTICS,
@@ -40,7 +41,6 @@ KINDS = (*SWEEP_KINDS, DIAGNOSTICS)  # DIAGNOSTICS: written by ``raysoup diagnos
 # METHODS: erm: best single trial by ID-val; uniform / greedy: soups of a group's trials;
 # uniform_all: one uniform soup of every trial seed's trials (DiWA's uniform†,
 # trial_seed -1, no ID-val: NaN); ensemble: the logit average of a group's trials.
-ALL_SEEDS = -1
 MIN_ENVS = 6  # DomainBed's largest datasets (DomainNet) have 6 envs
 ENV_ACC = re.compile(r"^env(\d+)_(in|out)_acc$")
 TIMESTAMP = pa.timestamp("us", tz="UTC")

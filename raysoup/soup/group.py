@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from raysoup.contract import SOUP_STAGE
+from raysoup.contract import SOUP_STAGE, group_slug
 from raysoup.io import storage
 from raysoup.io.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from raysoup.results.schema import ALL_SEEDS
@@ -53,8 +53,7 @@ class GroupKey:
 
     @property
     def slug(self) -> str:
-        seed = "all" if self.trial_seed == ALL_SEEDS else self.trial_seed
-        return f"{self.dataset}-e{self.test_env}-s{seed}-{self.init}"
+        return group_slug(self.dataset, self.test_env, self.trial_seed, self.init)
 
     @property
     def all_seeds(self) -> GroupKey:
