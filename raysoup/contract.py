@@ -31,3 +31,7 @@ DIAGNOSTICS = "diagnostics"
 DIAGNOSTIC_PARTS = ("init_to_trial", "trial_to_trial", "soup_to_ingredient", "angle", "landscape")
 # What ``raysoup results --format`` writes.
 TABLE_FORMATS = ("text", "markdown", "csv", "latex", "html")
+
+# The dataset recorded for an imported checkpoint whose training data nobody declared
+# (``raysoup pool add --undeclared``): target sweeps refuse it unless told otherwise.
+UNDECLARED = "undeclared"

@@ -90,7 +90,7 @@ def diagnose_peak(
                 tuple(o.trial_id for o in offers),
             )
         ],
-        data=lambda: GroupData(DataKey(meta.dataset, meta.test_env, meta.trial_seed), None, 0.2),
+        data=lambda: GroupData(DataKey.of(meta), None, 0.2),
         sweep="memory",
     )
     rows: list[dict[str, Any]] = []

@@ -134,7 +134,7 @@ def _reference_setup(
 
     torch.set_num_threads(1)
     metas = [read_meta(p) for p in candidates]
-    key = DataKey(metas[0].dataset, metas[0].test_env, metas[0].trial_seed)
+    key = DataKey.of(metas[0])
     evaluator = SoupEvaluator(GroupData(key, None, 0.2), metas[0], torch.device(device))
     scored = [(p, float(m.metrics["id_val_acc"])) for p, m in zip(candidates, metas, strict=True)]
     # sorted(..., reverse=True) by accuracy, as model soups / DiWA sort; ties by name

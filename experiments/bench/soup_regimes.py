@@ -198,7 +198,7 @@ def group_soups(paths: Sequence[Path]) -> dict[str, Any]:
     """ERM, uniform, greedy (Recipe 1, >=) and ensemble of one group: (ID-val, test) each."""
     metas = {str(p): read_meta(p) for p in paths}
     meta = next(iter(metas.values()))
-    data = GroupData(DataKey(meta.dataset, meta.test_env, meta.trial_seed), None, 0.2)
+    data = GroupData(DataKey.of(meta), None, 0.2)
     evaluator = SoupEvaluator(data, meta, torch.device("cpu"))
     states = {key: load_checkpoint(key)[0] for key in metas}
     everyone = sorted(states)

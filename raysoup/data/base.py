@@ -67,6 +67,9 @@ class MultiDomainDataset:
     # Applied to training batches only; evaluation never augments. ``None`` = no transform.
     train_transform: Callable | None = None
     eval_transform: Callable | None = None
+    # In-memory envs: applied to whole batches, training and evaluation alike (the model's
+    # input size and statistics, ``data.transforms.batch_transform``). ``None``: as stored.
+    batch_transform: Callable | None = None
 
     def __len__(self) -> int:
         return len(self.envs)

@@ -7,43 +7,10 @@ works as it is. Images are decoded by torchvision's ``ImageFolder``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from raysoup.data.base import DatasetError, MultiDomainDataset
-
-if TYPE_CHECKING:
-    from torchvision import transforms
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def eval_transform(size: int = 224) -> transforms.Compose:
-    from torchvision import transforms  # lazy: see data/__init__
-
-    return transforms.Compose(
-        [
-            transforms.Resize((size, size)),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
-def augment_transform(size: int = 224) -> transforms.Compose:
-    """DomainBed's training augmentation."""
-    from torchvision import transforms  # lazy: see data/__init__
-
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(size, scale=(0.7, 1.0)),
-            transforms.RandomHorizontalFlip(),
-            transforms.ColorJitter(0.3, 0.3, 0.3, 0.3),
-            transforms.RandomGrayscale(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+from raysoup.data.transforms import Preprocess, augment_transform, eval_transform
 
 
 class ImageFolderDataset(MultiDomainDataset):
@@ -54,7 +21,9 @@ class ImageFolderDataset(MultiDomainDataset):
     INPUT_SHAPE: ClassVar[tuple[int, int, int]] = (3, 224, 224)
     N_STEPS: ClassVar[int] = 5001
 
-    def __init__(self, data_dir: str | Path, augment: bool = True) -> None:
+    def __init__(
+        self, data_dir: str | Path, augment: bool = True, preprocess: Preprocess | None = None
+    ) -> None:
         root = Path(data_dir).expanduser() / self.FOLDER
         if not root.is_dir():
             raise DatasetError(
@@ -104,9 +73,10 @@ class ImageFolderDataset(MultiDomainDataset):
                 f"expected {self.NUM_CLASSES}"
             )
         self.classes = classes
-        size = self.INPUT_SHAPE[-1]
-        self.eval_transform = eval_transform(size)
-        self.train_transform = augment_transform(size) if augment else self.eval_transform
+        # The model's input size and statistics (default: ImageNet's, 224 px, as DomainBed)
+        preprocess = preprocess or Preprocess(size=self.INPUT_SHAPE[-1])
+        self.eval_transform = eval_transform(preprocess)
+        self.train_transform = augment_transform(preprocess) if augment else self.eval_transform
 
 
 class VLCS(ImageFolderDataset):

@@ -43,6 +43,11 @@ class _EndlessBatchSampler(Sampler[list[int]]):
             yield torch.randint(self.n, (self.batch_size,), generator=generator).tolist()
 
 
+def _in_memory(dataset: MultiDomainDataset, batch: Batch) -> Batch:
+    x, y = batch
+    return (dataset.batch_transform(x), y) if dataset.batch_transform else (x, y)
+
+
 def train_batches(
     dataset: MultiDomainDataset,
     env_index: int,
@@ -63,7 +68,7 @@ def train_batches(
         generator = torch.Generator().manual_seed(seed)
         while True:
             pick = torch.randint(len(index_tensor), (batch_size,), generator=generator)
-            yield env.batch(index_tensor[pick])
+            yield _in_memory(dataset, env.batch(index_tensor[pick]))
     transform = dataset.train_transform if augment else dataset.eval_transform
     loader = DataLoader(
         _IndexedView(env, indices, transform),
@@ -89,7 +94,7 @@ def eval_batches(
     if isinstance(env, TensorEnv):
         index_tensor = torch.as_tensor(indices)
         for start in range(0, len(index_tensor), batch_size):
-            yield env.batch(index_tensor[start : start + batch_size])
+            yield _in_memory(dataset, env.batch(index_tensor[start : start + batch_size]))
         return
     loader = DataLoader(
         _IndexedView(env, indices, dataset.eval_transform),

@@ -416,7 +416,7 @@ def sweep_groups(root: Location, soups: pd.DataFrame) -> list[GroupInputs]:
                             row.method, row.checkpoint, meta.content_hash, tuple(row.ingredients)
                         )
                     )
-        data_key = DataKey(key.dataset, key.test_env, key.trial_seed)
+        data_key = DataKey.of(storage.read_meta(ranked[0].offer.checkpoint))
         groups.append(
             GroupInputs(
                 key,

@@ -98,6 +98,8 @@ _TRIALS = [
 _FAILURE_EXTRAS = [
     Column("error", pa.string(), required=False),
     Column("error_file", pa.string(), required=False),
+    # init sources trained on undeclared data (``raysoup pool add --undeclared``)
+    Column("undeclared_sources", pa.int64(), required=False),
 ]
 
 _GROUP_EXTRAS = [

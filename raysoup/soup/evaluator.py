@@ -26,6 +26,7 @@ from raysoup.data.base import MultiDomainDataset
 from raysoup.data.loaders import eval_batches
 from raysoup.data.registry import dataset_class, load_dataset
 from raysoup.data.splits import Part, id_val_parts, split_envs, test_parts
+from raysoup.data.transforms import Preprocess, recorded_preprocess
 from raysoup.io.checkpoint import CheckpointMeta
 from raysoup.models.networks import Network, build_network
 from raysoup.training.evaluate import count_correct, pooled_accuracy
@@ -38,6 +39,12 @@ class DataKey:
     dataset: str
     test_env: int
     trial_seed: int
+    preprocess: Preprocess | None = None  # the model's input (``recorded_preprocess``)
+
+    @classmethod
+    def of(cls, meta: CheckpointMeta) -> DataKey:
+        """The evaluation data of a trial or soup checkpoint."""
+        return cls(meta.dataset, meta.test_env, meta.trial_seed, recorded_preprocess(meta.hparams))
 
 
 class GroupData:
@@ -45,7 +52,9 @@ class GroupData:
 
     def __init__(self, key: DataKey, data_dir: str | Path | None, holdout_fraction: float) -> None:
         self.key = key
-        self.dataset: MultiDomainDataset = load_dataset(key.dataset, data_dir, augment=False)
+        self.dataset: MultiDomainDataset = load_dataset(
+            key.dataset, data_dir, augment=False, preprocess=key.preprocess
+        )
         splits = split_envs(self.dataset.env_sizes(), key.trial_seed, holdout_fraction)
 
         def indices(parts: list[Part]) -> list[tuple[int, np.ndarray]]:
@@ -114,6 +123,7 @@ class SoupEvaluator:
             meta.num_classes,
             input_channels=cls.INPUT_SHAPE[0],
             nonlinear_classifier=bool(meta.hparams.get("nonlinear_classifier", False)),
+            image_size=meta.hparams.get("image_size"),
         ).to(device)
         self.network.eval()
         self._labels: dict[str, torch.Tensor] = {}  # per split, set by trial_logits

@@ -39,6 +39,8 @@ from raysoup.soup.average import RunningSoup
 from raysoup.soup.greedy import Candidate, Decision, StreamingGreedy
 
 State = dict[str, torch.Tensor]
+# What a soup checkpoint keeps of its trials' hparams: what rebuilding and feeding it needs.
+SOUP_HPARAMS = ("nonlinear_classifier", "preprocess", "image_size")
 Item = tuple[str, str]  # (trial_id, content_hash)
 
 
@@ -275,7 +277,7 @@ def soup_meta(
         test_env=key.test_env,
         trial_seed=key.trial_seed,
         hparams_seed=-1,
-        hparams={k: v for k, v in like.hparams.items() if k == "nonlinear_classifier"},
+        hparams={k: v for k, v in like.hparams.items() if k in SOUP_HPARAMS},
         init={
             "strategy": key.init,
             "method": method,

@@ -201,8 +201,7 @@ class SoupMaker:
 
     # ------------------------------------------------------------ evaluation
 
-    def _data_for(self, key: GroupKey) -> GroupData:
-        data_key = DataKey(key.dataset, key.test_env, key.trial_seed)
+    def _data_for(self, data_key: DataKey) -> GroupData:
         if data_key not in self._data:
             self._data[data_key] = GroupData(data_key, self.data_dir, self.holdout_fraction)
         return self._data[data_key]
@@ -211,7 +210,8 @@ class SoupMaker:
         if key not in self._evaluators:
             first = self.groups[key].ranked()[0]
             meta = storage.read_meta(first.checkpoint)
-            self._evaluators[key] = SoupEvaluator(self._data_for(key), meta, self.device)
+            data = self._data_for(DataKey.of(meta))
+            self._evaluators[key] = SoupEvaluator(data, meta, self.device)
         return self._evaluators[key]
 
     def _new_group(self, key: GroupKey, memo: Mapping[frozenset[Item], float] | None) -> GroupSoup:

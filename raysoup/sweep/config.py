@@ -20,7 +20,7 @@ from raysoup.data.nuisance import NUISANCE_AUXILIARY, NUISANCE_TARGET
 from raysoup.data.registry import dataset_class
 from raysoup.io import storage
 from raysoup.io.storage import Location
-from raysoup.models.networks import ARCHS
+from raysoup.models.networks import ARCHS, check_arch
 from raysoup.options import OptionsError, from_mapping, option
 from raysoup.sweep import QUICKSTART_NAME
 from raysoup.training.hparams import REGISTRIES, sample_hparams
@@ -37,6 +37,9 @@ ADDED_LATER: dict[str, Any] = {
     "eval_schedule": "multiples",
     "aux_lp": False,
     "lp_per_trial_seed": True,
+    "aux_dirs": [],
+    "allow_undeclared_aux": False,
+    "image_size": None,
 }
 # Options whose default changed since the first sweeps were recorded: the earlier default.
 EARLIER_DEFAULTS: dict[str, Any] = {"aux_n_hparams": 1}
@@ -121,8 +124,28 @@ class SweepConfig:
         "multiples: after updates N, 2N, ... and the last",
         choices=EVAL_SCHEDULES,
     )
-    arch: str | None = option(None, help="network (default: the dataset's)", choices=ARCHS)
-    pretrained_weights: Path | None = option(None, help="ImageNet weights file for ResNets")
+    arch: str | None = option(
+        None, help=f"network (default: the dataset's): {', '.join(ARCHS)} or timm:<name>"
+    )
+    pretrained_weights: Path | None = option(
+        None,
+        help="pretrained featurizer of ResNets and timm:<name>: a timm / torchvision / Hugging "
+        "Face weights file, a save_pretrained folder, a Hugging Face cache entry or a raysoup "
+        "checkpoint (`raysoup import-featurizer`)",
+    )
+    image_size: int | None = option(
+        None, help="input size images are resized to (default: the model's own)"
+    )
+    aux_dirs: list[str] = option(
+        [],
+        help="folders (or URIs) of foreign auxiliary checkpoints (`raysoup pool add`) that join "
+        "the auxiliary pool of ratatouille and fusing trials",
+    )
+    allow_undeclared_aux: bool = option(
+        False,
+        help="use aux_dirs checkpoints whose training data is undeclared (the trials table "
+        "marks the runs using them in undeclared_sources)",
+    )
     hparams_registry: str = option("diwa", help="hparam distributions", choices=REGISTRIES)
     hparams_depend_on_trial_seed: bool = option(False, help="reference-style hparam seeding")
     hparams: dict[str, Any] = option(
@@ -177,7 +200,14 @@ class SweepConfig:
         self._validate_aux()
         if self.dataset is not None:
             self._validate_target()
-        for name in ("steps", "aux_steps", "lp_stage_steps", "checkpoint_freq"):
+        if self.arch is not None:
+            try:
+                check_arch(self.arch)
+            except ValueError as error:
+                raise OptionsError(f"arch: {error}") from None
+        if self.pretrained_weights is not None and not Path(self.pretrained_weights).exists():
+            raise OptionsError(f"pretrained_weights={str(self.pretrained_weights)!r}: not found")
+        for name in ("steps", "aux_steps", "lp_stage_steps", "checkpoint_freq", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OptionsError(f"{name}={value}: expected a positive integer")
@@ -240,8 +270,13 @@ class SweepConfig:
                 f"aux_datasets contains the target dataset {self.dataset!r}: its auxiliary "
                 f"runs would train on the held-out test env"
             )
-        if set(self.inits) - {"pretrained"} and not self.aux_datasets:
-            raise OptionsError(f"inits {self.inits} need auxiliary datasets: set aux_datasets")
+        if set(self.inits) - {"pretrained"} and not (self.aux_datasets or self.aux_dirs):
+            raise OptionsError(
+                f"inits {self.inits} need auxiliary checkpoints: set aux_datasets or aux_dirs"
+            )
+        for folder in self.aux_dirs:
+            if not storage.is_dir(folder):
+                raise OptionsError(f"aux_dirs: {folder!r} is not a folder")
         if not target.IS_BUILTIN and self.data_dir is None:
             raise OptionsError(f"dataset {self.dataset!r} is read from disk: set data_dir")
         if self.aux_pool is not None:

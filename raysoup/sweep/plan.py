@@ -48,6 +48,7 @@ from raysoup.sweep.config import (
     check_aux_pool_location,
     parse_record,
 )
+from raysoup.training.inits import discover_aux_pool
 from raysoup.training.trainer import SHARED_LP_SEED
 
 # Settings an auxiliary pool must share with a target sweep that borrows it: the same
@@ -134,6 +135,7 @@ def _common(config: SweepConfig) -> dict[str, Any]:
         "data_dir": config.data_dir,
         "arch": config.arch,
         "pretrained_weights": config.pretrained_weights,
+        "image_size": config.image_size,
         "hparams_registry": config.hparams_registry,
         "hparams_depend_on_trial_seed": config.hparams_depend_on_trial_seed,
         "holdout_fraction": config.holdout_fraction,
@@ -268,6 +270,7 @@ def _target_stage(
                         "fusing_range": config.fusing_range,
                         "ratatouille_choice": config.ratatouille_choice,
                         "aux_buffers": config.aux_buffers,
+                        "allow_undeclared_aux": config.allow_undeclared_aux,
                         "out": checkpoint_path(root, "target", key),
                     }
                     runs.append(PlannedRun("target", key, spec))
@@ -283,7 +286,11 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
     common = {**_common(config), "pretrained": pretrained}
     aux_datasets = config.aux_datasets if needs_pool and borrowed is None else []
     lps = _lp_stage(config, common, root, aux_datasets)
-    aux_dir = borrowed if borrowed is not None else [SweepLayout(root).checkpoints("aux")]
+    if config.aux_dirs and config.dataset is not None and needs_pool:
+        # refused here, before a single trial starts: undeclared data, escaping links
+        discover_aux_pool(config.aux_dirs, config.dataset, config.allow_undeclared_aux)
+    own = borrowed if borrowed is not None else [SweepLayout(root).checkpoints("aux")]
+    aux_dir = (own if aux_datasets or borrowed else []) + list(config.aux_dirs)
     stages = {
         "base": base,
         "lp": list(lps.values()),

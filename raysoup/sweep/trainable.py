@@ -68,6 +68,8 @@ def trial_row(sweep: str, key: str, meta: CheckpointMeta, checkpoint: Path | str
         "init": meta.init.get("strategy") if meta.stage == "target" else None,
         "init_sources": meta.init.get("sources", []),
         "init_weights": meta.init.get("weights", []),
+        # init sources trained on undeclared data (``pool add --undeclared``): marked runs
+        "undeclared_sources": int(meta.init.get("undeclared_sources", 0)),
         **{name: meta.hparams.get(name) for name in HPARAM_COLUMNS},
         "id_val_acc": metrics.get("id_val_acc"),
         "test_acc": metrics.get("test_acc", float("nan")),

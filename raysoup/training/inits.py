@@ -13,7 +13,9 @@ plan into featurizer tensors.
   candidate from the trial's seed; the featurizer is ``sum(lambda_i * theta_i)``.
 
 Leakage guard: an auxiliary checkpoint whose recorded dataset is the target dataset is
-never used (the pool skips it with a warning; loading it directly raises).
+never used (the pool skips it with a warning; loading it directly raises). One whose
+training data is undeclared (an import with ``--undeclared``) refuses the pool unless
+``allow_undeclared`` says the user accepts it; runs using it are marked.
 
 Untrusted pools: a pool is refused (``CheckpointError``) when a symlink in it leads out of
 it or a checkpoint's metadata is malformed or names a path outside it
@@ -31,13 +33,14 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from raysoup.contract import INITS
+from raysoup.contract import INITS, UNDECLARED
 from raysoup.errors import BadInputError
 from raysoup.io import storage
 from raysoup.io.checkpoint import (
     META_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    CheckpointMeta,
     check_state_dict,
     load_checkpoint,
 )
@@ -53,7 +56,20 @@ T = TypeVar("T")
 
 
 class LeakageError(BadInputError):
-    """An auxiliary checkpoint was trained on the target dataset."""
+    """An auxiliary checkpoint was trained on the target dataset (or on undeclared data)."""
+
+
+def is_undeclared(meta: CheckpointMeta) -> bool:
+    """Whether nobody declared what a checkpoint was trained on."""
+    return meta.dataset == UNDECLARED or meta.init.get("declared") is False
+
+
+def undeclared_refusal(path: object) -> LeakageError:
+    return LeakageError(
+        f"{path}: auxiliary checkpoint with undeclared training data (imported with "
+        f"--undeclared): it may have seen the target dataset. Set allow_undeclared_aux: true "
+        f"(--allow-undeclared-aux) to use it anyway; the runs using it are marked"
+    )
 
 
 # ---------------------------------------------------------------- pure choices
@@ -178,18 +194,22 @@ class AuxPool:
 
     runs: dict[str, list[str]] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
+    undeclared: list[str] = field(default_factory=list)  # accepted with allow_undeclared
 
     def as_lists(self) -> list[list[str]]:
         return [self.runs[name] for name in sorted(self.runs)]
 
 
-def discover_aux_pool(dirs: Sequence[str | Path], target_dataset: str) -> AuxPool:
+def discover_aux_pool(
+    dirs: Sequence[str | Path], target_dataset: str, allow_undeclared: bool = False
+) -> AuxPool:
     """Find the auxiliary checkpoints under ``dirs`` (local paths or URIs, listed where they
     are: only their metadata is read); skip those of ``target_dataset``. Each root is an
     untrusted pool: escaping symlinks, malformed metadata or metadata paths outside the
     root refuse it with a ``CheckpointError``."""
     found: dict[str, list[tuple[int, str]]] = {}
     excluded: list[str] = []
+    undeclared: list[str] = []
     for root in dirs:
         if not storage.is_dir(root):
             raise FileNotFoundError(f"auxiliary directory {root} does not exist")
@@ -200,6 +220,10 @@ def discover_aux_pool(dirs: Sequence[str | Path], target_dataset: str) -> AuxPoo
             if meta.dataset == target_dataset:
                 excluded.append(str(path))
                 continue
+            if is_undeclared(meta):
+                if not allow_undeclared:
+                    raise undeclared_refusal(path)
+                undeclared.append(str(path))
             found.setdefault(meta.dataset, []).append((meta.hparams_seed, str(path)))
     if excluded:
         warnings.warn(
@@ -208,11 +232,14 @@ def discover_aux_pool(dirs: Sequence[str | Path], target_dataset: str) -> AuxPoo
             stacklevel=2,
         )
     runs = {name: [p for _, p in sorted(items)] for name, items in sorted(found.items())}
-    return AuxPool(runs=runs, excluded=excluded)
+    return AuxPool(runs=runs, excluded=excluded, undeclared=undeclared)
 
 
 def load_aux_featurizer(
-    path: str | Path, target_dataset: str, reference: Mapping[str, torch.Tensor]
+    path: str | Path,
+    target_dataset: str,
+    reference: Mapping[str, torch.Tensor],
+    allow_undeclared: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The ``featurizer.*`` tensors of an auxiliary checkpoint (never its head); the
     leakage guard reads the metadata before any weights are fetched."""
@@ -222,6 +249,8 @@ def load_aux_featurizer(
             f"{path}: auxiliary checkpoint was trained on {meta.dataset!r}, the target dataset; "
             f"using it would leak target data"
         )
+    if is_undeclared(meta) and not allow_undeclared:
+        raise undeclared_refusal(path)
     state, _ = load_checkpoint(storage.local_checkpoint(path))
     featurizer = strip_prefix(state, FEATURIZER_PREFIX)
     if not featurizer:
@@ -235,6 +264,7 @@ def featurizer_from_plan(
     pretrained: Mapping[str, torch.Tensor],
     target_dataset: str,
     aux_buffers: str = "source",
+    allow_undeclared: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The featurizer state a plan describes.
 
@@ -247,7 +277,7 @@ def featurizer_from_plan(
     states = [
         dict(pretrained)
         if source == PRETRAINED
-        else load_aux_featurizer(source, target_dataset, pretrained)
+        else load_aux_featurizer(source, target_dataset, pretrained, allow_undeclared)
         for source in plan.sources
     ]
     mixed = mix_state_dicts(states, plan.weights)

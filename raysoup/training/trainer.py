@@ -44,6 +44,7 @@ from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.loaders import train_batches
 from raysoup.data.registry import dataset_class, load_dataset
 from raysoup.data.splits import EnvSplit, split_envs, training_envs
+from raysoup.data.transforms import Preprocess
 from raysoup.devices import resolve_device
 from raysoup.errors import RunsFailedError
 from raysoup.io import storage
@@ -58,7 +59,14 @@ from raysoup.io.checkpoint import (
 )
 from raysoup.io.storage import default_cache_dir
 from raysoup.models.foundation import foundation_dir
-from raysoup.models.networks import ARCHS, SMALL_ARCHS, Network, build_network
+from raysoup.models.networks import (
+    ARCHS,
+    SMALL_ARCHS,
+    Network,
+    arch_preprocess,
+    build_network,
+    check_arch,
+)
 from raysoup.options import OptionsError, option
 from raysoup.seeding import seed_hash
 from raysoup.training.evaluate import evaluate_splits
@@ -72,6 +80,7 @@ from raysoup.training.inits import (
     InitPlan,
     discover_aux_pool,
     featurizer_from_plan,
+    is_undeclared,
     plan_init,
     strip_prefix,
 )
@@ -121,7 +130,14 @@ class RunSpec:
         "step %% N == 0); multiples: after updates N, 2N, ... and the last",
         choices=EVAL_SCHEDULES,
     )
-    arch: str | None = option(None, help="network (default: the dataset's)", choices=ARCHS)
+    arch: str | None = option(
+        None, help=f"network (default: the dataset's): one of {', '.join(ARCHS)} or timm:<name>"
+    )
+    image_size: int | None = option(
+        None,
+        help="input size the images are resized to (default: the model's own; the built-in "
+        "images as stored for cnn, glyphcnn and ResNets)",
+    )
     hparams_registry: str = option("diwa", help="hyperparameter distributions", choices=REGISTRIES)
     hparams_depend_on_trial_seed: bool = option(
         False, help="seed hparams with (hparams_seed, trial_seed) like the reference code"
@@ -135,6 +151,9 @@ class RunSpec:
         "source",
         help="BatchNorm statistics of an aux init: from its sources, or pretrained (reference)",
         choices=AUX_BUFFERS,
+    )
+    allow_undeclared_aux: bool = option(
+        False, help="accept auxiliary checkpoints whose training data is undeclared (marked)"
     )
     holdout_fraction: float = option(0.2, help="fraction of each env held out as 'out'")
     keep: str | None = option(
@@ -195,8 +214,17 @@ class RunSpec:
             path = getattr(self, name)
             if path is not None and not storage.is_checkpoint(path):
                 raise OptionsError(f"{name}={path}: not a checkpoint directory")
-        if self.pretrained_weights is not None and not Path(self.pretrained_weights).is_file():
-            raise OptionsError(f"pretrained_weights={self.pretrained_weights}: no such file")
+        if self.pretrained_weights is not None and not Path(self.pretrained_weights).exists():
+            raise OptionsError(
+                f"pretrained_weights={self.pretrained_weights}: no such file or folder"
+            )
+        if self.arch is not None:
+            try:
+                check_arch(self.arch)
+            except ValueError as error:
+                raise OptionsError(str(error)) from None
+        if self.image_size is not None and self.image_size < 1:
+            raise OptionsError(f"image_size={self.image_size}: expected a positive integer")
         if not cls.IS_BUILTIN and self.data_dir is None:
             raise OptionsError(f"dataset {self.dataset!r} is read from disk: give --data-dir")
         if self.stage == "base" and not cls.IS_BUILTIN:
@@ -355,7 +383,7 @@ def build_start_network(
         pretrained_from = str(spec.pretrained_weights or "imagenet")
     plan = InitPlan("pretrained", [PRETRAINED], [1.0])
     if spec.stage == "target" and spec.init != "pretrained":
-        pool = discover_aux_pool(spec.aux_dir, spec.dataset)
+        pool = discover_aux_pool(spec.aux_dir, spec.dataset, spec.allow_undeclared_aux)
         if not pool.runs:
             raise CheckpointError(
                 f"no usable auxiliary checkpoints under {[str(p) for p in spec.aux_dir]} "
@@ -371,7 +399,11 @@ def build_start_network(
             ratatouille_choice=spec.ratatouille_choice,
         )
         featurizer = featurizer_from_plan(
-            plan, network.featurizer.state_dict(), spec.dataset, spec.aux_buffers
+            plan,
+            network.featurizer.state_dict(),
+            spec.dataset,
+            spec.aux_buffers,
+            spec.allow_undeclared_aux,
         )
         network.featurizer.load_state_dict(featurizer)
     if spec.lp_head is not None:
@@ -473,6 +505,7 @@ class RunSettings:
     steps: int
     freq: int  # the evaluation frequency (``is_eval_step``)
     keep: str  # which evaluation is saved: "best" or "last"
+    preprocess: Preprocess | None  # the model's input (``None``: the images as stored)
 
 
 def resolve_settings(spec: RunSpec) -> RunSettings:
@@ -489,6 +522,7 @@ def resolve_settings(spec: RunSpec) -> RunSettings:
         hparams_depend_on_trial_seed=spec.hparams_depend_on_trial_seed,
         overrides=spec.hparams,
     )
+    arch = resolve_arch(spec, dataset_cls, hparams)
     return RunSettings(
         dataset_cls=dataset_cls,
         device=device,
@@ -496,6 +530,13 @@ def resolve_settings(spec: RunSpec) -> RunSettings:
         steps=spec.steps or dataset_cls.N_STEPS,
         freq=spec.checkpoint_freq or dataset_cls.CHECKPOINT_FREQ,
         keep=spec.keep or DEFAULT_KEEP[spec.stage],
+        preprocess=arch_preprocess(
+            arch,
+            on_disk=not dataset_cls.IS_BUILTIN,
+            image_size=spec.image_size,
+            weights_path=spec.pretrained_weights,
+            default_size=dataset_cls.INPUT_SHAPE[-1],
+        ),
     )
 
 
@@ -512,7 +553,10 @@ def load_run_data(spec: RunSpec, settings: RunSettings) -> RunData:
     """The dataset of ``spec``, split by its trial seed (the splits draw from their own
     seeded generators, not torch's)."""
     dataset = load_dataset(
-        spec.dataset, spec.data_dir, augment=bool(settings.hparams["data_augmentation"])
+        spec.dataset,
+        spec.data_dir,
+        augment=bool(settings.hparams["data_augmentation"]),
+        preprocess=settings.preprocess,
     )
     splits = split_envs(dataset.env_sizes(), spec.trial_seed, spec.holdout_fraction)
     return RunData(dataset, splits, training_envs(len(dataset.envs), spec.test_env))
@@ -697,15 +741,25 @@ def checkpoint_meta(
             keep=settings.keep,
             checkpoint_freq=settings.freq,
             eval_schedule=spec.eval_schedule,
+            **preprocess_record(settings.preprocess, spec.image_size),
         ),
         init={
             "strategy": plan.strategy,
             "sources": plan.sources,
             "weights": plan.weights,
             "pretrained_from": pretrained_from,
+            "undeclared_sources": undeclared_sources(plan),
         },
         metrics={k: v for k, v in final.items() if isinstance(v, (int, float))},
     )
+
+
+def preprocess_record(preprocess: Preprocess | None, image_size: int | None) -> dict[str, Any]:
+    """What a checkpoint's ``hparams`` record of its input (read by ``preprocess_of``):
+    nothing for a network fed the images as stored, so older checkpoints read the same."""
+    if preprocess is None and image_size is None:
+        return {}
+    return {"preprocess": preprocess.to_dict() if preprocess else None, "image_size": image_size}
 
 
 def save_run_checkpoint(
@@ -715,6 +769,12 @@ def save_run_checkpoint(
     return its metadata with the content hash."""
     with storage.checkpoint_output(out) as local:
         return save_checkpoint(local, state, meta)
+
+
+def undeclared_sources(plan: InitPlan) -> int:
+    """How many of a run's init sources were trained on undeclared data (the table marks
+    such runs)."""
+    return sum(1 for s in plan.sources if s != PRETRAINED and is_undeclared(storage.read_meta(s)))
 
 
 def run_result(
@@ -736,6 +796,7 @@ def run_result(
         "init": spec.init if spec.stage == "target" else plan.strategy,
         "init_sources": plan.sources,
         "init_weights": plan.weights,
+        "undeclared_sources": undeclared_sources(plan),
         **{k: hparams[k] for k in HPARAM_COLUMNS if k != "steps"},
         "steps": settings.steps,
         **final,
