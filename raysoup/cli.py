@@ -136,6 +136,112 @@ def _soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_options(args: argparse.Namespace) -> dict:
+    return {
+        "arch": args.arch,
+        "dataset": args.dataset,
+        "undeclared": getattr(args, "undeclared", False),
+        "source_format": args.source_format,
+        "image_size": args.image_size,
+    }
+
+
+def _import_featurizer(args: argparse.Namespace) -> int:
+    from raysoup.models.foreign import import_featurizer
+
+    if args.dataset is None:  # what a pretrained init saw is the user's to know, not a guard's
+        args.undeclared = True
+    done = import_featurizer(args.source, args.out, **_import_options(args))
+    meta = done.meta
+    print(
+        f"featurizer {meta.arch} ({meta.init['source_format']}, {meta.content_hash[:12]}...) "
+        f"-> {done.checkpoint}; use it with `pretrained_weights: {done.checkpoint}`"
+    )
+    return 0
+
+
+def _pool_add(args: argparse.Namespace) -> int:
+    from raysoup.models.foreign import pool_add
+
+    done = pool_add(args.pool, args.source, **_import_options(args))
+    state = "added" if done.added else "already in the pool"
+    declared = "undeclared data" if not done.meta.init["declared"] else done.meta.dataset
+    print(f"{state}: {done.checkpoint} ({done.meta.arch}, trained on {declared})")
+    return 0
+
+
+def _fetch_weights(args: argparse.Namespace) -> int:
+    from raysoup.models.weights import fetch_weights
+
+    print(f"weights: {fetch_weights(args.arch, args.folder)}")
+    return 0
+
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--arch",
+            default=None,
+            help="resnet18, resnet50, cnn, glyphcnn or timm:<name> (default: the timm "
+            "architecture the source's config.json names)",
+        )
+        parser.add_argument(
+            "--format",
+            dest="source_format",
+            default=None,
+            choices=["raysoup", "torchvision", "timm", "hf-resnet", "hf-vit"],
+            help="how to read the source's key names (default: recognised from them)",
+        )
+        parser.add_argument(
+            "--image-size", type=int, default=None, help="input size (ViTs: resamples pos_embed)"
+        )
+
+    imp = commands.add_parser(
+        "import-featurizer",
+        help="convert a timm / torchvision / Hugging Face checkpoint to a raysoup featurizer",
+        description="Read SRC (a weights file, a save_pretrained folder or a Hugging Face "
+        "cache entry; never unpickled), map its keys to ARCH's featurizer, check every shape "
+        "and write a raysoup checkpoint to OUT.",
+    )
+    imp.add_argument("source", metavar="SRC")
+    imp.add_argument("--out", required=True, help="the raysoup checkpoint folder to write")
+    imp.add_argument("--dataset", default=None, help="what SRC was trained on, if known")
+    common(imp)
+    imp.set_defaults(handler=_import_featurizer)
+
+    pool = commands.add_parser("pool", help="auxiliary pools of foreign fine-tunings")
+    actions = pool.add_subparsers(dest="pool_command", required=True)
+    add = actions.add_parser(
+        "add",
+        help="register someone else's fine-tuning in a pool folder (use it with aux_dirs)",
+        description="Convert SRC's featurizer (as import-featurizer) into POOL/<dataset>-<hash>, "
+        "recording the dataset it was fine-tuned on for the leakage guard.",
+    )
+    add.add_argument("pool", metavar="POOL", help="the pool folder (created if missing)")
+    add.add_argument("--from", dest="source", required=True, metavar="SRC")
+    add.add_argument(
+        "--dataset",
+        default=None,
+        help="the dataset SRC was fine-tuned on (required unless --undeclared)",
+    )
+    add.add_argument(
+        "--undeclared",
+        action="store_true",
+        help="nobody knows what SRC was trained on: target sweeps refuse it unless "
+        "allow_undeclared_aux, and mark the runs using it",
+    )
+    common(add)
+    add.set_defaults(handler=_pool_add)
+
+    fetch = commands.add_parser(
+        "fetch-weights",
+        help="download a timm model's pretrained weights once into FOLDER (needs internet)",
+    )
+    fetch.add_argument("arch", help="timm:<name>")
+    fetch.add_argument("folder", help="e.g. shared storage; then pretrained_weights: FOLDER")
+    fetch.set_defaults(handler=_fetch_weights)
+
+
 def _add_train(commands: argparse._SubParsersAction) -> None:
     from raysoup.training.trainer import RunSpec
 
@@ -229,6 +335,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     )
     soup.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     soup.set_defaults(handler=_soup)
+    _add_models(commands)
     return parser
 
 

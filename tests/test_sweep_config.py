@@ -39,7 +39,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("n_hparams: three\n", "'n_hparams'='three': expected an integer"),
         ("trial_seeds: 0\n", "expected a list"),
         ("dataset: PACS\ntest_envs: [0]\ninits: [pretrained]\n", "read from disk: set data_dir"),
-        ("aux_datasets: []\n", "need auxiliary datasets"),
+        ("aux_datasets: []\n", "need auxiliary checkpoints: set aux_datasets or aux_dirs"),
         ("gpus_per_trial: -1\n", "gpus_per_trial=-1"),
         ("soup_accept: gte\n", r"expected one of \['ge', 'gt'\]"),
         ("[1, 2]\n", "mapping of options"),

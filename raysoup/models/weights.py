@@ -201,3 +201,33 @@ def read_weights(path: str | Path, source_format: str | None = None) -> ForeignW
     if not state:
         raise CheckpointError(f"{path}: holds no featurizer tensors (read as {fmt!r})")
     return ForeignWeights(state, fmt, str(path), content_hash, preprocess, head, architecture)
+
+
+def fetch_weights(arch: str, folder: str | Path) -> Path:
+    """Download ``timm:<name>``'s pretrained weights from the Hugging Face Hub into
+    ``folder`` (the driver does it once, into shared storage; runs then read the folder).
+    Idempotent: a folder that already holds weights is returned as is."""
+    from raysoup.models.networks import WeightsUnavailableError, import_timm, timm_name
+
+    name = timm_name(arch)
+    if not name:
+        raise ValueError(f"fetch-weights {arch!r}: expected timm:<name>")
+    folder = Path(folder).expanduser()
+    try:
+        _weight_files(folder)
+        return folder
+    except CheckpointError:
+        pass
+    cfg = import_timm().get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise WeightsUnavailableError(f"timm has no Hugging Face Hub weights for {name!r}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(cfg.hf_hub_id, local_dir=str(folder))
+    except Exception as error:  # offline, a proxy, a missing repo: say which and why
+        raise WeightsUnavailableError(
+            f"could not download {cfg.hf_hub_id} into {folder} ({error}); copy a "
+            f"save_pretrained folder there instead"
+        ) from error
+    return folder

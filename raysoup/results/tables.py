@@ -155,10 +155,39 @@ def _cell(mean: float, se: float, pm: str) -> str:
     return f"{mean:.1f}" if math.isnan(se) else f"{mean:.1f}{pm}{se:.1f}"
 
 
+UNDECLARED_MARK = "*"
+
+
 def legend(table: pd.DataFrame) -> list[str]:
-    """Notes on the methods of ``table`` that are not a mean ± SE of single models."""
+    """Notes on the methods of ``table`` that are not a mean ± SE of single models, and on
+    the inits marked as using auxiliary data nobody declared."""
     methods = set(table.index.get_level_values("method"))
-    return [text for method, text in LEGENDS.items() if method in methods]
+    notes = [text for method, text in LEGENDS.items() if method in methods]
+    marked = table.attrs.get("undeclared_inits", [])
+    if marked:
+        notes.append(
+            f"{', '.join(f'{init}{UNDECLARED_MARK}' for init in marked)}: some trials start from "
+            f"auxiliary checkpoints whose training data is undeclared (trials."
+            f"undeclared_sources > 0): they may have seen the target dataset"
+        )
+    return notes
+
+
+def undeclared_inits(trials: pd.DataFrame) -> list[str]:
+    """The inits of which some target trial used undeclared auxiliary data."""
+    if trials.empty or "undeclared_sources" not in trials:
+        return []
+    used = trials[trials["undeclared_sources"].fillna(0) > 0]
+    return _order(used["init"].dropna().unique().tolist(), INITS)
+
+
+def mark_undeclared(table: pd.DataFrame, inits: Sequence[str]) -> pd.DataFrame:
+    """``table`` with the rows of ``inits`` labelled ``init*`` and a note saying why."""
+    if not inits or table.empty:
+        return table
+    marked = table.rename(index={init: f"{init}{UNDECLARED_MARK}" for init in inits}, level="init")
+    marked.attrs = dict(table.attrs, undeclared_inits=list(inits))
+    return marked
 
 
 def _envs(table: pd.DataFrame) -> list[str]:
@@ -291,4 +320,7 @@ def sweep_table(
     soups = results["soups"]
     if soups.empty:
         soups = best_single_table(results["trials"])
-    return format_table(paper_table(soups, dataset=dataset), fmt)
+    table = mark_undeclared(
+        paper_table(soups, dataset=dataset), undeclared_inits(results["trials"])
+    )
+    return format_table(table, fmt)

@@ -125,13 +125,26 @@ class StaleCheckpointError(CheckpointError):
         self.found_hash = found_hash
 
 
-class StateCache:
-    """Loads checkpoints by (trial id, hash), keeping at most ``max_models`` in memory."""
+def load_raysoup_checkpoint(offer: Offer) -> tuple[State, str]:
+    """A raysoup checkpoint's weights and content hash (a URI is fetched to the local cache
+    once; the load verifies the file's hash)."""
+    state, meta = load_checkpoint(storage.local_checkpoint(offer.checkpoint))
+    return state, meta.content_hash
 
-    def __init__(self, max_models: int = 2) -> None:
+
+class StateCache:
+    """Loads checkpoints by (trial id, hash), keeping at most ``max_models`` in memory;
+    ``loader`` reads one (default: a raysoup checkpoint)."""
+
+    def __init__(
+        self,
+        max_models: int = 2,
+        loader: Callable[[Offer], tuple[State, str]] = load_raysoup_checkpoint,
+    ) -> None:
         if max_models < 0:
             raise ValueError(f"max_models={max_models}: expected >= 0")
         self.max_models = max_models
+        self.loader = loader
         self._cache: OrderedDict[Item, State] = OrderedDict()
         self.n_loads = 0
 
@@ -140,11 +153,10 @@ class StateCache:
         if item in self._cache:
             self._cache.move_to_end(item)
             return self._cache[item]
-        # A URI is fetched to the local cache once; the load verifies the file's hash.
-        state, meta = load_checkpoint(storage.local_checkpoint(offer.checkpoint))
+        state, content_hash = self.loader(offer)
         self.n_loads += 1
-        if meta.content_hash != offer.content_hash:
-            raise StaleCheckpointError(offer, meta.content_hash)
+        if content_hash != offer.content_hash:
+            raise StaleCheckpointError(offer, content_hash)
         if self.max_models:
             self._cache[item] = state
             while len(self._cache) > self.max_models:

@@ -45,7 +45,7 @@ from raysoup.io.storage import Location
 from raysoup.results.schema import ALL_SEEDS, ALL_SEEDS_METHODS, METHODS
 from raysoup.results.store import ResultsStore
 from raysoup.soup.average import RunningSoup
-from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
+from raysoup.soup.backend import Evaluator, RaysoupBackend, SoupBackend
 from raysoup.soup.greedy import ACCEPT, Decision, rank_key
 from raysoup.soup.group import (
     GroupKey,
@@ -54,7 +54,6 @@ from raysoup.soup.group import (
     Offer,
     StaleCheckpointError,
     StateCache,
-    soup_meta,
 )
 
 # One row per group for GROUP_METHODS; per (dataset, test env, init) for uniform_all.
@@ -99,6 +98,7 @@ class SoupMaker:
         methods: Sequence[str] = METHODS,
         persist: bool = True,
         log: Callable[[str], None] | None = None,
+        backend: SoupBackend | None = None,
     ) -> None:
         if accept not in ACCEPT:
             raise ValueError(f"accept={accept!r}: expected one of {ACCEPT}")
@@ -120,11 +120,15 @@ class SoupMaker:
         self.persist = persist
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.store = ResultsStore(str(SweepLayout(self.root).results))
+        # how trials are read and soups scored: raysoup checkpoints on the group's own data,
+        # or (``raysoup.tune``) any trainable's state dicts and the user's evaluation
+        self.backend: SoupBackend = backend or RaysoupBackend(
+            self.device, data_dir, holdout_fraction
+        )
         self.groups: dict[GroupKey, GroupSoup] = {}
         self._decided_at: dict[GroupKey, dict[str, list[Any]]] = {}
         self._final: dict[GroupKey, dict[str, str]] = {}
-        self._data: dict[DataKey, GroupData] = {}
-        self._evaluators: dict[GroupKey, SoupEvaluator] = {}
+        self._evaluators: dict[GroupKey, Evaluator] = {}
         # Each trial's ensemble logits, computed when it arrives (while the sweep runs)
         # rather than all at once when its group completes; bounded by logit_cache_mb.
         # (group, trial id) -> (content hash, logits per split)
@@ -201,17 +205,10 @@ class SoupMaker:
 
     # ------------------------------------------------------------ evaluation
 
-    def _data_for(self, data_key: DataKey) -> GroupData:
-        if data_key not in self._data:
-            self._data[data_key] = GroupData(data_key, self.data_dir, self.holdout_fraction)
-        return self._data[data_key]
-
-    def evaluator(self, key: GroupKey) -> SoupEvaluator:
+    def evaluator(self, key: GroupKey) -> Evaluator:
         if key not in self._evaluators:
             first = self.groups[key].ranked()[0]
-            meta = storage.read_meta(first.checkpoint)
-            data = self._data_for(DataKey.of(meta))
-            self._evaluators[key] = SoupEvaluator(data, meta, self.device)
+            self._evaluators[key] = self.backend.evaluator(key, first)
         return self._evaluators[key]
 
     def _new_group(self, key: GroupKey, memo: Mapping[frozenset[Item], float] | None) -> GroupSoup:
@@ -219,7 +216,7 @@ class SoupMaker:
             self.n_scorings += 1
             return self.evaluator(key).id_val_acc(state)
 
-        states = StateCache(self.max_models)
+        states = StateCache(self.max_models, self.backend.load)
         group = GroupSoup(
             key, score, accept=self.accept, states=states, memo=memo, device=self.device
         )
@@ -312,7 +309,7 @@ class SoupMaker:
             try:
                 return group.offer_many(batch)
             except StaleCheckpointError as stale:
-                fresh = Offer.from_checkpoint(stale.offer.trial_id, stale.offer.checkpoint)
+                fresh = self.backend.offer(stale.offer.trial_id, stale.offer.checkpoint)
                 self.log(f"raysoup soup: {stale}; re-offering the new version")
                 batch = [o for o in batch if o.trial_id != fresh.trial_id] + [fresh]
         raise RuntimeError(f"checkpoints of {group.key.slug} keep changing; is a trial running?")
@@ -323,12 +320,11 @@ class SoupMaker:
         stale = [
             o
             for o in list(group.offers.values())
-            if storage.is_checkpoint(o.checkpoint)
-            and storage.read_meta(o.checkpoint).content_hash != o.content_hash
+            if self.backend.content_hash(o.checkpoint) not in (None, o.content_hash)
         ]
         if stale:
             self.log(f"raysoup soup: {key.slug}: {len(stale)} checkpoint(s) changed; re-souping")
-            self.offer([Offer.from_checkpoint(o.trial_id, o.checkpoint) for o in stale])
+            self.offer([self.backend.offer(o.trial_id, o.checkpoint) for o in stale])
 
     def _complete(self, key: GroupKey) -> bool:
         expected = self.expected.get(key)
@@ -449,8 +445,9 @@ class SoupMaker:
         test = self.evaluator(members[0].key).test_acc(state)  # the same env for every seed
         self.n_scorings += 1
         ingredients = [o.trial_id for o in offers]
-        like = storage.read_meta(members[0].erm().checkpoint)
-        meta = soup_meta(all_seeds, "uniform_all", like, ingredients, {"test_acc": test})
+        meta = self.backend.soup_meta(
+            all_seeds, "uniform_all", members[0].erm(), ingredients, {"test_acc": test}
+        )
         checkpoint = str(self.soup_dir("uniform_all", all_seeds))
         with storage.checkpoint_output(checkpoint) as local:
             save_checkpoint(local, state, meta)
@@ -491,9 +488,8 @@ class SoupMaker:
                 id_val = self.evaluator(key).id_val_acc(state)
                 self.n_scorings += 1
             test = self.evaluator(key).test_acc(state)
-            like = storage.read_meta(group.erm().checkpoint)
             metrics = {"id_val_acc": id_val, "test_acc": test}
-            meta = soup_meta(key, method, like, ingredients, metrics)
+            meta = self.backend.soup_meta(key, method, group.erm(), ingredients, metrics)
             checkpoint = str(self.soup_dir(method, key))
             with storage.checkpoint_output(checkpoint) as local:  # published if a URI
                 save_checkpoint(local, state, meta)

@@ -205,6 +205,13 @@ class SweepConfig:
                 check_arch(self.arch)
             except ValueError as error:
                 raise OptionsError(f"arch: {error}") from None
+            if self.arch.startswith("timm:") and self.pretrained_weights is None:
+                raise OptionsError(
+                    f"arch {self.arch!r} needs pretrained_weights: runs never download. Fetch "
+                    f"them once on the driver into shared storage (`raysoup fetch-weights "
+                    f"{self.arch} DIR`), or point at a save_pretrained folder, a Hugging "
+                    f"Face cache entry or a weights file"
+                )
         if self.pretrained_weights is not None and not Path(self.pretrained_weights).exists():
             raise OptionsError(f"pretrained_weights={str(self.pretrained_weights)!r}: not found")
         for name in ("steps", "aux_steps", "lp_stage_steps", "checkpoint_freq", "image_size"):

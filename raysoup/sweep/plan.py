@@ -130,12 +130,15 @@ def check_aux_pool(config: SweepConfig) -> list[Location]:
 
 
 def _common(config: SweepConfig) -> dict[str, Any]:
+    # Options added later join a spec only when set: the plans of earlier sweeps (and so
+    # their trials' identities) stay what they were.
+    added = {"image_size": config.image_size} if config.image_size is not None else {}
     return {
+        **added,
         "hparams": dict(config.hparams),
         "data_dir": config.data_dir,
         "arch": config.arch,
         "pretrained_weights": config.pretrained_weights,
-        "image_size": config.image_size,
         "hparams_registry": config.hparams_registry,
         "hparams_depend_on_trial_seed": config.hparams_depend_on_trial_seed,
         "holdout_fraction": config.holdout_fraction,
@@ -270,7 +273,7 @@ def _target_stage(
                         "fusing_range": config.fusing_range,
                         "ratatouille_choice": config.ratatouille_choice,
                         "aux_buffers": config.aux_buffers,
-                        "allow_undeclared_aux": config.allow_undeclared_aux,
+                        **({"allow_undeclared_aux": True} if config.allow_undeclared_aux else {}),
                         "out": checkpoint_path(root, "target", key),
                     }
                     runs.append(PlannedRun("target", key, spec))

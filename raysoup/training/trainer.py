@@ -367,6 +367,7 @@ def build_start_network(
         imagenet=imagenet,
         weights_path=spec.pretrained_weights,
         freeze_bn=spec.freeze_bn,
+        image_size=spec.image_size,
     )
     if spec.stage == "base":
         return network, InitPlan("scratch", [], []), "scratch"
