@@ -98,7 +98,7 @@ def test_bad_callback_options_are_refused_before_the_sweep(tmp_path: Path) -> No
     }
     with pytest.raises(ValueError, match="accept='best'"):
         SoupCallback(**ok, accept="best")
-    with pytest.raises(ValueError, match="state_dict_file='a/m.pt'"):
+    with pytest.raises(ValueError, match=r"state_dict_file='a/m\.pt'"):
         SoupCallback(**{**ok, "state_dict_file": "a/m.pt"})
     with pytest.raises(ValueError, match="evaluate=3"):
         SoupCallback(**{**ok, "evaluate": 3})

@@ -355,3 +355,29 @@ def test_cli_pool_add_and_import_featurizer(resnet_sources, tmp_path: Path, caps
         == 0
     )
     assert read_meta(tmp_path / "f").init["source_format"] == "hf-resnet"
+
+
+def test_weights_are_never_fetched_by_runs_and_fetch_weights_says_why_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from conftest import minirotated
+
+    with pytest.raises(OptionsError, match="raysoup fetch-weights timm:test_vit"):
+        minirotated(arch="timm:test_vit")
+    with pytest.raises(OptionsError, match="did you mean timm:test_vit"):
+        minirotated(arch="timm:test_vitt", pretrained_weights=tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no lookup leaves this machine
+    assert main(["fetch-weights", "timm:test_vit", str(tmp_path / "w")]) == 5
+    err = capsys.readouterr().err
+    assert "timm/test_vit" in err and "copy a save_pretrained folder" in err
+    assert main(["fetch-weights", "resnet18", str(tmp_path / "w")]) == 2
+
+
+def test_a_missing_models_extra_names_the_install_command(monkeypatch) -> None:
+    import sys
+
+    from raysoup.models.networks import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'raysoup\[models\]'"):
+        check_arch("timm:test_vit")
