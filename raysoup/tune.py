@@ -49,7 +49,6 @@ import torch
 from ray import tune
 
 from raysoup.contract import ACCEPT, SOUP_STAGE
-from raysoup.io import storage
 from raysoup.io.checkpoint import CheckpointMeta, file_sha256, import_state_dict
 from raysoup.io.layout import SweepLayout
 from raysoup.io.storage import Location
@@ -301,9 +300,7 @@ class SoupCallback(tune.Callback):
             raise ValueError(f"state_dict_file={state_dict_file!r}: expected a file name")
         from raysoup.sweep.soup_actor import actor_name
 
-        self.root = str(
-            storage if storage_is_uri(storage) else Path(storage).expanduser().resolve() / name
-        )
+        self.root = str(SweepLayout.of(str(storage), name).root)
         self.name = name
         self.metric = metric
         self.group_by = group_by
@@ -346,7 +343,6 @@ class SoupCallback(tune.Callback):
         from raysoup.sweep.soup_actor import NAMESPACE
 
         if self._actor is None:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
             self._actor = (
                 ray.remote(LibrarySoupActor)
                 .options(
@@ -381,10 +377,6 @@ class SoupCallback(tune.Callback):
         return ray.get(actor.finalize.remote())
 
 
-def storage_is_uri(location: str | Path) -> bool:
-    return storage.is_uri(str(location))
-
-
 def soup_tune_experiment(
     experiment: str | Path,
     *,
@@ -409,7 +401,7 @@ def soup_tune_experiment(
         raise FileNotFoundError(f"{experiment}: no finished trial to soup")
     trials = [TrialCheckpoint.from_trial(t, metric, group_by, name) for t in finished]
     trials.sort(key=lambda t: (-t.id_val_acc, t.trial_id))  # Recipe 1's order: fewest tries
-    root = Path(storage).expanduser().resolve() / name
+    root = SweepLayout.of(str(storage), name).root
     backend = StateDictBackend(state_dict_file, evaluate, evaluate_test)
     maker = _maker(root, name, backend, accept=accept, max_models=max_models, persist=False)
     _offer_all(maker, trials)

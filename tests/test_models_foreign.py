@@ -381,3 +381,19 @@ def test_a_missing_models_extra_names_the_install_command(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     with pytest.raises(MissingExtraError, match=r"pip install 'raysoup\[models\]'"):
         check_arch("timm:test_vit")
+
+
+def test_a_foreign_pool_of_another_network_is_refused_while_planning(
+    resnet_sources, tmp_path: Path
+) -> None:
+    from conftest import minirotated
+
+    from raysoup.sweep.plan import plan_sweep
+
+    pool = tmp_path / "pool"
+    pool_add(pool, resnet_sources["root"] / "hf", arch="resnet18", dataset="AuxRotationFlip")
+    config = minirotated(aux_datasets=[], aux_dirs=[str(pool)])  # MiniRotatedMNIST: cnn
+    with pytest.raises(OptionsError, match="holds a resnet18 featurizer, this sweep trains cnn"):
+        plan_sweep(config, tmp_path / "sweep")
+    with pytest.raises(OptionsError, match="aux_dirs: 'nowhere' is not a folder"):
+        minirotated(aux_datasets=[], aux_dirs=["nowhere"])

@@ -280,6 +280,26 @@ def _target_stage(
     return runs
 
 
+def check_aux_dirs(config: SweepConfig) -> None:
+    """Refuse, before a single trial starts, foreign pools (``aux_dirs``) that hold
+    undeclared data (unless allowed), escaping links, or another network than the sweep's."""
+    assert config.dataset is not None
+    pool = discover_aux_pool(config.aux_dirs, config.dataset, config.allow_undeclared_aux)
+    arch = config.arch or dataset_class(config.dataset).DEFAULT_ARCH
+    for path in (p for runs in pool.runs.values() for p in runs):
+        theirs = storage.read_meta(path).arch
+        if theirs != arch:
+            raise OptionsError(
+                f"aux_dirs: {path} holds a {theirs} featurizer, this sweep trains {arch}: "
+                f"auxiliary featurizers must fit the target network"
+            )
+    if not pool.runs:
+        raise OptionsError(
+            f"aux_dirs {config.aux_dirs}: no usable auxiliary checkpoint (the leakage guard "
+            f"excluded {len(pool.excluded)} trained on {config.dataset!r})"
+        )
+
+
 def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun]]:
     """Every run of every stage, in a deterministic order (stages without runs left out)."""
     root = root if storage.is_uri(root) else Path(root)
@@ -290,8 +310,7 @@ def plan_sweep(config: SweepConfig, root: Location) -> dict[str, list[PlannedRun
     aux_datasets = config.aux_datasets if needs_pool and borrowed is None else []
     lps = _lp_stage(config, common, root, aux_datasets)
     if config.aux_dirs and config.dataset is not None and needs_pool:
-        # refused here, before a single trial starts: undeclared data, escaping links
-        discover_aux_pool(config.aux_dirs, config.dataset, config.allow_undeclared_aux)
+        check_aux_dirs(config)
     own = borrowed if borrowed is not None else [SweepLayout(root).checkpoints("aux")]
     aux_dir = (own if aux_datasets or borrowed else []) + list(config.aux_dirs)
     stages = {

@@ -88,15 +88,18 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     add(
         "--arch",
         default=None,
-        choices=[a for a in ARCHS if a not in SMALL_ARCHS],
-        help="network (default: resnet50)",
+        help=f"network (default: resnet50): {', '.join(a for a in ARCHS if a not in SMALL_ARCHS)}"
+        f" or timm:<name> (then --pretrained-weights is required)",
     )
     add(
         "--pretrained-weights",
         type=Path,
         default=None,
-        help="ImageNet weights file (default: torchvision's cache, else a download)",
+        help="pretrained featurizer: a timm / torchvision / Hugging Face weights file or "
+        "folder, or a raysoup checkpoint (ResNets' default: torchvision's cache, else a "
+        "download)",
     )
+    add("--image-size", type=int, default=None, help="input size (default: the model's)")
     add("--hparams-registry", default="diwa", choices=REGISTRIES, help="hparam distributions")
     add(
         "--hparams",
@@ -122,6 +125,7 @@ def run_option_values(args: argparse.Namespace) -> dict[str, Any]:
         "eval_schedule": args.eval_schedule,
         "aux_lp": args.aux_lp,
         "arch": args.arch,
+        "image_size": args.image_size,
         "pretrained_weights": args.pretrained_weights,
         "hparams_registry": args.hparams_registry,
         "hparams": parse_hparams(args.hparams),
@@ -145,8 +149,10 @@ def parse_hparams(text: str | None) -> dict[str, Any]:
 
 def check_inputs(config: SweepConfig, data_dir: Path, datasets: list[str]) -> None:
     """The weights file and each dataset's folder exist (``OptionsError`` naming them)."""
-    if config.pretrained_weights is not None and not config.pretrained_weights.is_file():
-        raise OptionsError(f"--pretrained-weights {str(config.pretrained_weights)!r}: no file")
+    if config.pretrained_weights is not None and not config.pretrained_weights.exists():
+        raise OptionsError(
+            f"--pretrained-weights {str(config.pretrained_weights)!r}: no such file or folder"
+        )
     for name in datasets:
         folder = data_dir.expanduser() / DATASETS[name].FOLDER
         if not folder.is_dir():
