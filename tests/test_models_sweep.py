@@ -145,3 +145,15 @@ def test_timm_vit_sweep_ends_with_soups(local_ray, tmp_path: Path) -> None:
     assert uniform.n_ingredients == 3
     assert read_meta(uniform.checkpoint).arch == "timm:test_vit"
     assert _soup_checkpoint_scores(uniform) == uniform.test_acc
+
+    # diagnostics rebuild each init and feed every model the input it was trained on
+    from raysoup.cli import main
+
+    assert main(["diagnose", str(root), "--points", "3", "--pair-trials", "2"]) == 0
+    diag = load_results(root)["diagnostics"]
+    trials = targets.set_index("trial_id")
+    ends = diag[(diag.diagnostic == "init_to_trial") & (diag.a == 1.0)]
+    assert len(ends) == 3
+    assert (ends.test_acc.values == trials.loc[ends.end].test_acc.values).all()
+    middle = diag[(diag.diagnostic == "trial_to_trial") & (diag.a == 0.5)]
+    assert len(middle) == 1  # the two best trials' average
