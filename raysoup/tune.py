@@ -45,17 +45,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
-from ray import tune
 
 from raysoup.contract import ACCEPT, SOUP_STAGE
 from raysoup.io.checkpoint import CheckpointMeta, file_sha256, import_state_dict
 from raysoup.io.layout import SweepLayout
 from raysoup.io.storage import Location
-from raysoup.io.validate import _layer_order
+from raysoup.io.validate import last_classifier_layer
 from raysoup.results.store import ResultsStore
 from raysoup.soup.group import GroupKey, Offer
 from raysoup.soup.maker import SoupMaker
+from raysoup.sweep.soup_actor import NAMESPACE, SoupFeeder, actor_name
 
 __all__ = ["SoupCallback", "StateDictBackend", "TrialCheckpoint", "soup_tune_experiment"]
 
@@ -69,14 +70,10 @@ def _group_key(group: str) -> GroupKey:
 
 
 def _classifier_outputs(state: Mapping[str, torch.Tensor]) -> int:
-    """What a raysoup checkpoint's ``num_classes`` must say of these weights (the outputs
-    of the last ``classifier.*`` linear layer, the one raysoup checks; 1 without one)."""
-    weights = [
-        k
-        for k, v in state.items()
-        if k.startswith("classifier.") and k.endswith(".weight") and v.dim() == 2
-    ]
-    return int(state[max(weights, key=_layer_order)].shape[0]) if weights else 1
+    """What a raysoup checkpoint's ``num_classes`` must say of these weights (the layer
+    raysoup checks on every load; 1 without one)."""
+    found = last_classifier_layer({k: tuple(v.shape) for k, v in state.items()})
+    return found[1] if found else 1
 
 
 @dataclass(frozen=True)
@@ -270,8 +267,9 @@ class LibrarySoupActor:
         return soups.to_dict("records")
 
 
-class SoupCallback(tune.Callback):
-    """Souping while any Tune sweep runs (see the module docstring)."""
+class SoupCallback(SoupFeeder):
+    """Souping while any Tune sweep runs (see the module docstring): ``SoupFeeder``'s
+    batching (never waiting in Tune's loop), fed with the trials' state-dict checkpoints."""
 
     def __init__(
         self,
@@ -298,82 +296,49 @@ class SoupCallback(tune.Callback):
                 raise ValueError(f"{what}={fn!r}: expected a function of a state dict")
         if not state_dict_file or "/" in state_dict_file:
             raise ValueError(f"state_dict_file={state_dict_file!r}: expected a file name")
-        from raysoup.sweep.soup_actor import actor_name
-
         self.root = str(SweepLayout.of(str(storage), name).root)
-        self.name = name
+        super().__init__(actor_name(name, self.root), every_s)
+        self.sweep = name
         self.metric = metric
         self.group_by = group_by
         self.backend = StateDictBackend(state_dict_file, evaluate, evaluate_test)
         self.options = {"accept": accept, "max_models": max_models}
         self.resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        self.every_s = every_s
-        self.actor_name = actor_name(name, self.root)
-        self._actor: Any = None
-        self._waiting: list[TrialCheckpoint] = []
-        self._in_flight: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks into its state
-        return {**self.__dict__, "_actor": None, "_waiting": [], "_in_flight": None}
-
-    # -------------------------------------------------------- Tune's hooks (never block)
+        self.finished: list[TrialCheckpoint] = []  # every trial handed over, for finalize
 
     def setup(self, **info: Any) -> None:
         self._start()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._waiting.append(
-            TrialCheckpoint.from_trial(trial, self.metric, self.group_by, self.name)
-        )
+        finished = TrialCheckpoint.from_trial(trial, self.metric, self.group_by, self.sweep)
+        self.finished.append(finished)
+        self._waiting.append(finished)
         self._send()
 
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        if self._waiting:
-            self._send()
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self._waiting:
-            self._send(even_if_busy=True)
-
-    # -------------------------------------------------------- the driver's side
-
     def _start(self) -> Any:
-        import ray
-
-        from raysoup.sweep.soup_actor import NAMESPACE
-
+        """The sweep's soup actor: the running one, or a new one restoring the state."""
         if self._actor is None:
             self._actor = (
                 ray.remote(LibrarySoupActor)
                 .options(
-                    name=self.actor_name,
+                    name=self.name,
                     namespace=NAMESPACE,
                     get_if_exists=True,
                     max_restarts=-1,
                     max_task_retries=-1,
                     **self.resources,
                 )
-                .remote(self.root, self.name, self.backend, self.options)
+                .remote(self.root, self.sweep, self.backend, self.options)
             )
         return self._actor
 
-    def _send(self, even_if_busy: bool = False) -> None:
-        import ray
-
-        if not even_if_busy and self._in_flight is not None:
-            if not ray.wait([self._in_flight], timeout=0)[0]:
-                return  # the actor decides the waiting trials together once it is free
-        batch, self._waiting = self._waiting, []
-        self._in_flight = self._start().offer.remote(batch)
-
     def finalize(self) -> list[dict[str, Any]]:
-        """After ``tuner.fit()``: write every group's final soups; returns the ``soups``
-        rows (blocking: call it outside Tune's loop)."""
-        import ray
-
+        """After ``tuner.fit()``: hand over every finished trial again (idempotent: a batch
+        lost on the way is not lost), write every group's final soups and return the
+        ``soups`` rows. Blocking: call it outside Tune's loop."""
         actor = self._start()
-        if self._waiting:
-            self._send(even_if_busy=True)
+        self._waiting = []
+        ray.get(actor.offer.remote(self.finished))
         return ray.get(actor.finalize.remote())
 
 

@@ -74,6 +74,14 @@ class Preprocess:
         return Preprocess(size, self.mean, self.std, self.interpolation)
 
 
+def preprocess_record(preprocess: Preprocess | None, image_size: int | None) -> dict[str, Any]:
+    """What a checkpoint's ``hparams`` record of its input (read by ``recorded_preprocess``):
+    nothing for a network fed the images as stored, so older checkpoints read the same."""
+    if preprocess is None and image_size is None:
+        return {}
+    return {"preprocess": preprocess.to_dict() if preprocess else None, "image_size": image_size}
+
+
 def recorded_preprocess(hparams: Mapping[str, Any]) -> Preprocess | None:
     """The ``Preprocess`` a checkpoint's ``hparams`` record (``None``: images as stored)."""
     recorded = hparams.get("preprocess")

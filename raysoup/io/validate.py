@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -287,21 +287,28 @@ def _layer_order(key: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in key.split(".")[1:-1])
 
 
+def last_classifier_layer(shapes: Mapping[str, Sequence[int]]) -> tuple[str, int] | None:
+    """``(key, outputs)`` of the last ``classifier.*`` linear weight among tensor
+    ``shapes`` (what ``num_classes`` must match), or ``None`` without one."""
+    weights = {
+        key: shape
+        for key, shape in shapes.items()
+        if key.startswith("classifier.") and key.endswith(".weight") and len(shape) == 2
+    }
+    if not weights:
+        return None
+    last = max(weights, key=_layer_order)
+    return last, int(weights[last][0])
+
+
 def check_classifier(
     entries: Mapping[str, TensorEntry], num_classes: int, source: str | Path
 ) -> None:
     """The last ``classifier.*`` linear layer has ``num_classes`` outputs (when present)."""
-    weights = {
-        key: entry.shape
-        for key, entry in entries.items()
-        if key.startswith("classifier.") and key.endswith(".weight") and len(entry.shape) == 2
-    }
-    if not weights:
-        return
-    last = max(weights, key=_layer_order)
-    if weights[last][0] != num_classes:
+    found = last_classifier_layer({key: entry.shape for key, entry in entries.items()})
+    if found is not None and found[1] != num_classes:
         raise CheckpointError(
-            f"{source}: classifier tensor {last!r} has {weights[last][0]} outputs, the "
+            f"{source}: classifier tensor {found[0]!r} has {found[1]} outputs, the "
             f"metadata records num_classes={num_classes}"
         )
 

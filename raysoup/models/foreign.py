@@ -24,6 +24,7 @@ from typing import Any
 
 from raysoup.contract import UNDECLARED
 from raysoup.data.registry import DATASETS
+from raysoup.data.transforms import preprocess_record
 from raysoup.io.checkpoint import CheckpointMeta, is_checkpoint, read_meta, save_checkpoint
 from raysoup.io.validate import CheckpointError
 from raysoup.models.convert import fit_featurizer
@@ -87,12 +88,6 @@ def featurizer_checkpoint(
     state = fit_featurizer(weights.state, reference, str(source))
     known = DATASETS.get(dataset or "")
     preprocess = weights.preprocess.resized(image_size) if weights.preprocess else None
-    hparams: dict[str, Any] = {}
-    if preprocess is not None or image_size is not None:
-        hparams = {
-            "preprocess": preprocess.to_dict() if preprocess else None,
-            "image_size": image_size,
-        }
     meta = CheckpointMeta(
         dataset=dataset or UNDECLARED,
         envs=list(known.ENVIRONMENTS) if known else [],
@@ -100,7 +95,7 @@ def featurizer_checkpoint(
         num_classes=weights.head_outputs or 1,
         stage=stage,
         test_env=-1,
-        hparams=hparams,
+        hparams=preprocess_record(preprocess, image_size),
         init={
             "strategy": FOREIGN,
             "sources": [],

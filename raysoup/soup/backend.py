@@ -16,9 +16,9 @@ from typing import Protocol
 import torch
 
 from raysoup.io import storage
-from raysoup.io.checkpoint import CheckpointMeta, load_checkpoint
+from raysoup.io.checkpoint import CheckpointMeta
 from raysoup.soup.evaluator import DataKey, GroupData, SoupEvaluator
-from raysoup.soup.group import GroupKey, Offer, soup_meta
+from raysoup.soup.group import GroupKey, Offer, load_raysoup_checkpoint, soup_meta
 
 State = dict[str, torch.Tensor]
 
@@ -79,9 +79,7 @@ class RaysoupBackend:
         self._data: dict[DataKey, GroupData] = {}
 
     def load(self, offer: Offer) -> tuple[State, str]:
-        # A URI is fetched to the local cache once; the load verifies the file's hash.
-        state, meta = load_checkpoint(storage.local_checkpoint(offer.checkpoint))
-        return state, meta.content_hash
+        return load_raysoup_checkpoint(offer)
 
     def content_hash(self, checkpoint: str) -> str | None:
         if not storage.is_checkpoint(checkpoint):

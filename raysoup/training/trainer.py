@@ -44,7 +44,7 @@ from raysoup.data.builtin import BUILTIN_BASE
 from raysoup.data.loaders import train_batches
 from raysoup.data.registry import dataset_class, load_dataset
 from raysoup.data.splits import EnvSplit, split_envs, training_envs
-from raysoup.data.transforms import Preprocess
+from raysoup.data.transforms import Preprocess, preprocess_record
 from raysoup.devices import resolve_device
 from raysoup.errors import RunsFailedError
 from raysoup.io import storage
@@ -753,14 +753,6 @@ def checkpoint_meta(
         },
         metrics={k: v for k, v in final.items() if isinstance(v, (int, float))},
     )
-
-
-def preprocess_record(preprocess: Preprocess | None, image_size: int | None) -> dict[str, Any]:
-    """What a checkpoint's ``hparams`` record of its input (read by ``preprocess_of``):
-    nothing for a network fed the images as stored, so older checkpoints read the same."""
-    if preprocess is None and image_size is None:
-        return {}
-    return {"preprocess": preprocess.to_dict() if preprocess else None, "image_size": image_size}
 
 
 def save_run_checkpoint(
