@@ -305,12 +305,18 @@ class SoupCallback(SoupFeeder):
         self.options = {"accept": accept, "max_models": max_models}
         self.resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         self.finished: list[TrialCheckpoint] = []  # every trial handed over, for finalize
+        self.skipped: dict[str, str] = {}  # trial id -> why it could not be souped
 
     def setup(self, **info: Any) -> None:
         self._start()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        finished = TrialCheckpoint.from_trial(trial, self.metric, self.group_by, self.sweep)
+        try:
+            finished = TrialCheckpoint.from_trial(trial, self.metric, self.group_by, self.sweep)
+        except ValueError as error:  # never stop the other trials: this one is not souped
+            self.skipped[trial.trial_id] = str(error)
+            print(f"raysoup: warning: not souped: {error}", file=sys.stderr, flush=True)
+            return
         self.finished.append(finished)
         self._waiting.append(finished)
         self._send()

@@ -104,3 +104,26 @@ def test_bad_callback_options_are_refused_before_the_sweep(tmp_path: Path) -> No
         SoupCallback(**{**ok, "evaluate": 3})
     with pytest.raises(ValueError, match="name='a/b'"):
         SoupCallback(**{**ok, "name": "a/b"})
+
+
+def test_a_trial_whose_last_report_lacks_its_checkpoint_is_named(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from raysoup.tune import TrialCheckpoint
+
+    def trial(result: dict, checkpoint: str | None = "checkpoint_000002"):
+        where = None if checkpoint is None else SimpleNamespace(path=str(tmp_path / checkpoint))
+        return SimpleNamespace(trial_id="t1", last_result=result, checkpoint=where, config={})
+
+    good = {"val_acc": 0.5, "checkpoint_dir_name": "checkpoint_000002"}
+    assert TrialCheckpoint.from_trial(trial(good), "val_acc", None, "g").id_val_acc == 0.5
+    grouped = TrialCheckpoint.from_trial(trial(good), "val_acc", lambda c: "lr-1", "g")
+    assert grouped.group == "lr-1"
+    with pytest.raises(ValueError, match="t1: reported no checkpoint"):
+        TrialCheckpoint.from_trial(trial(good, None), "val_acc", None, "g")
+    with pytest.raises(ValueError, match="last report carries no checkpoint"):
+        TrialCheckpoint.from_trial(trial({"val_acc": 0.5}), "val_acc", None, "g")
+    with pytest.raises(ValueError, match="metric 'acc' is not in its last report"):
+        TrialCheckpoint.from_trial(trial(good), "acc", None, "g")
+    with pytest.raises(ValueError, match=r"val_acc=93\.0; .* fraction in \[0, 1\]"):
+        TrialCheckpoint.from_trial(trial({**good, "val_acc": 93.0}), "val_acc", None, "g")
