@@ -195,6 +195,7 @@ def test_hf_cache_entries_resolve_to_their_snapshot(resnet_sources, tmp_path: Pa
 
 def test_preprocessing_follows_the_model(tmp_path: Path) -> None:
     check_arch("timm:test_vit")
+    check_arch("timm:test_vit.r160_in1k")  # a pretrained tag names weights, not a model
     with pytest.raises(ValueError, match="did you mean timm:test_vit"):
         check_arch("timm:test_vitt")
     with pytest.raises(ValueError, match="'nonet'"):

@@ -63,7 +63,7 @@ def check_arch(arch: str) -> None:
     if not name:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS} or 'timm:<name>'")
     known = import_timm().list_models()
-    if name not in known:
+    if name.split(".")[0] not in known:  # ``convnext_tiny.fb_in1k``: a tag names weights
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
         raise ValueError(f"arch {arch!r}: timm has no model {name!r}{hint}")
