@@ -286,75 +286,23 @@ def test_import_featurizer_writes_a_pretrained_init(resnet_sources, tmp_path: Pa
 def test_cli_pool_add_and_import_featurizer(resnet_sources, tmp_path: Path, capsys) -> None:
     root = resnet_sources["root"]
     pool = tmp_path / "pool"
-    assert main(["pool", "add", str(pool), "--from", str(root / "hf"), "--arch", "resnet18"]) == 2
+
+    def pool_add_cli(*options: str) -> int:
+        return main(["pool", "add", str(pool), "--from", str(root / "hf"), *options])
+
+    assert pool_add_cli("--arch", "resnet18") == 2
     assert "declare the dataset" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "pool",
-                "add",
-                str(pool),
-                "--from",
-                str(root / "hf"),
-                "--arch",
-                "resnet50",
-                "--dataset",
-                "PACS",
-            ]
-        )
-        == 2
-    )
+    assert pool_add_cli("--arch", "resnet50", "--dataset", "PACS") == 2
     assert "the featurizer" in capsys.readouterr().err
     assert not pool.exists() or not any(pool.iterdir())  # nothing written by a refusal
-    assert (
-        main(
-            [
-                "pool",
-                "add",
-                str(pool),
-                "--from",
-                str(root / "hf"),
-                "--arch",
-                "resnet18",
-                "--dataset",
-                "PACS",
-            ]
-        )
-        == 0
-    )
+    assert pool_add_cli("--arch", "resnet18", "--dataset", "PACS") == 0
     assert "added:" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "pool",
-                "add",
-                str(pool),
-                "--from",
-                str(root / "hf"),
-                "--arch",
-                "resnet18",
-                "--dataset",
-                "PACS",
-            ]
-        )
-        == 0
-    )
+    assert pool_add_cli("--arch", "resnet18", "--dataset", "PACS") == 0
     assert "already in the pool" in capsys.readouterr().out
-    assert main(["import-featurizer", str(root / "hf"), "--out", str(tmp_path / "f")]) == 2
+    out = str(tmp_path / "f")
+    assert main(["import-featurizer", str(root / "hf"), "--out", out]) == 2
     assert "give --arch" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "import-featurizer",
-                str(root / "hf"),
-                "--arch",
-                "resnet18",
-                "--out",
-                str(tmp_path / "f"),
-            ]
-        )
-        == 0
-    )
+    assert main(["import-featurizer", str(root / "hf"), "--arch", "resnet18", "--out", out]) == 0
     assert read_meta(tmp_path / "f").init["source_format"] == "hf-resnet"
 
 
