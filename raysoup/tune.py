@@ -267,6 +267,27 @@ class LibrarySoupActor:
         return soups.to_dict("records")
 
 
+def library_backend(
+    name: str,
+    state_dict_file: str,
+    evaluate: StateFn,
+    evaluate_test: StateFn | None,
+    accept: str,
+) -> StateDictBackend:
+    """The options both entry points share, checked before any Ray or file work (a
+    ``ValueError`` naming the bad value), as the backend that reads and scores trials."""
+    if accept not in ACCEPT:
+        raise ValueError(f"accept={accept!r}: expected one of {ACCEPT}")
+    if not name or "/" in name:
+        raise ValueError(f"name={name!r}: expected a plain folder name")
+    for what, fn in (("evaluate", evaluate), ("evaluate_test", evaluate_test)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{what}={fn!r}: expected a function of a state dict")
+    if not state_dict_file or "/" in state_dict_file:
+        raise ValueError(f"state_dict_file={state_dict_file!r}: expected a file name")
+    return StateDictBackend(state_dict_file, evaluate, evaluate_test)
+
+
 class SoupCallback(SoupFeeder):
     """Souping while any Tune sweep runs (see the module docstring): ``SoupFeeder``'s
     batching (never waiting in Tune's loop), fed with the trials' state-dict checkpoints."""
@@ -287,21 +308,12 @@ class SoupCallback(SoupFeeder):
         num_gpus: float = 0.0,
         every_s: float = 0.0,
     ) -> None:
-        if accept not in ACCEPT:
-            raise ValueError(f"accept={accept!r}: expected one of {ACCEPT}")
-        if not name or "/" in name:
-            raise ValueError(f"name={name!r}: expected a plain folder name")
-        for what, fn in (("evaluate", evaluate), ("evaluate_test", evaluate_test)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{what}={fn!r}: expected a function of a state dict")
-        if not state_dict_file or "/" in state_dict_file:
-            raise ValueError(f"state_dict_file={state_dict_file!r}: expected a file name")
+        self.backend = library_backend(name, state_dict_file, evaluate, evaluate_test, accept)
         self.root = str(SweepLayout.of(str(storage), name).root)
         super().__init__(actor_name(name, self.root), every_s)
         self.sweep = name
         self.metric = metric
         self.group_by = group_by
-        self.backend = StateDictBackend(state_dict_file, evaluate, evaluate_test)
         self.options = {"accept": accept, "max_models": max_models}
         self.resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         self.finished: list[TrialCheckpoint] = []  # every trial handed over, for finalize
@@ -366,6 +378,7 @@ def soup_tune_experiment(
     ``SoupCallback``'s actor, so the same ingredients and weights. Returns the soups rows."""
     from ray.tune import ExperimentAnalysis
 
+    backend = library_backend(name, state_dict_file, evaluate, evaluate_test, accept)
     analysis = ExperimentAnalysis(str(Path(experiment).expanduser()))
     finished = [t for t in analysis.trials if t.status == "TERMINATED"]
     if not finished:
@@ -373,7 +386,6 @@ def soup_tune_experiment(
     trials = [TrialCheckpoint.from_trial(t, metric, group_by, name) for t in finished]
     trials.sort(key=lambda t: (-t.id_val_acc, t.trial_id))  # Recipe 1's order: fewest tries
     root = SweepLayout.of(str(storage), name).root
-    backend = StateDictBackend(state_dict_file, evaluate, evaluate_test)
     maker = _maker(root, name, backend, accept=accept, max_models=max_models, persist=False)
     _offer_all(maker, trials)
     maker.finalize_all()

@@ -127,3 +127,18 @@ def test_a_trial_whose_last_report_lacks_its_checkpoint_is_named(tmp_path: Path)
         TrialCheckpoint.from_trial(trial(good), "acc", None, "g")
     with pytest.raises(ValueError, match=r"val_acc=93\.0; .* fraction in \[0, 1\]"):
         TrialCheckpoint.from_trial(trial({**good, "val_acc": 93.0}), "val_acc", None, "g")
+
+
+def test_post_hoc_souping_checks_the_same_options_first(tmp_path: Path) -> None:
+    ok = {
+        "storage": tmp_path,
+        "name": "x",
+        "metric": "acc",
+        "state_dict_file": "m.pt",
+        "evaluate": lambda state: 0.5,
+    }
+    missing = tmp_path / "no-such-experiment"  # refused on the options, before it is read
+    with pytest.raises(ValueError, match="accept='best'"):
+        soup_tune_experiment(missing, **ok, accept="best")
+    with pytest.raises(ValueError, match=r"state_dict_file='a/m\.pt'"):
+        soup_tune_experiment(missing, **{**ok, "state_dict_file": "a/m.pt"})

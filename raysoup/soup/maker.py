@@ -111,8 +111,6 @@ class SoupMaker:
         self.sweep = sweep
         self.accept = accept
         self.expected = {key: set(ids) for key, ids in (expected or {}).items()}
-        self.data_dir = data_dir
-        self.holdout_fraction = holdout_fraction
         self.device = resolve_device(device)
         self.max_models = max_models
         self.logit_cache_bytes = int(logit_cache_mb * 2**20)
